@@ -1,0 +1,24 @@
+"""Keras 3 layers of the Transformer, written with `keras.ops` (TensorFlow and JAX backends)."""
+
+from keras_transformer.layers.decoder_layer import TransformerDecoderLayer
+from keras_transformer.layers.encoder_layer import TransformerEncoderLayer
+from keras_transformer.layers.feed_forward import PositionwiseFeedForward
+from keras_transformer.layers.masks import padding_mask
+from keras_transformer.layers.multi_head_attention import MultiHeadAttention, causal_mask
+from keras_transformer.layers.residual import ResidualBlock
+from keras_transformer.layers.token_and_position_embedding import (
+    TokenAndPositionEmbedding,
+    sinusoidal_position_encoding,
+)
+
+__all__ = [
+    "MultiHeadAttention",
+    "PositionwiseFeedForward",
+    "ResidualBlock",
+    "TokenAndPositionEmbedding",
+    "TransformerDecoderLayer",
+    "TransformerEncoderLayer",
+    "causal_mask",
+    "padding_mask",
+    "sinusoidal_position_encoding",
+]

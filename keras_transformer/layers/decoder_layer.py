@@ -1,0 +1,195 @@
+"""One decoder layer: causal self-attention, encoder-decoder attention, feed-forward (§3.1)."""
+
+import keras
+from keras import ops
+
+from keras_transformer.layers.feed_forward import PositionwiseFeedForward
+from keras_transformer.layers.multi_head_attention import MultiHeadAttention
+from keras_transformer.layers.residual import ResidualBlock
+
+
+@keras.saving.register_keras_serializable(package="keras_transformer")
+class TransformerDecoderLayer(keras.layers.Layer):
+    """Causal self-attention, attention over the encoder output, then a feed-forward network.
+
+    Two ways to run it:
+
+    - `call` for training and scoring: the whole target at once, with a causal mask.
+    - `call_step` for incremental decoding: one position per call, self-attention keys and
+      values written into a preallocated cache, and encoder-decoder keys/values computed once
+      per source sentence by `compute_cross_key_value`. With beam search, the step's rows are
+      `[batch * beams]` while the encoder keys/values stay `[batch]`: the beams of a sentence
+      become that sentence's query positions, so nothing is tiled per beam.
+
+    Args:
+        num_heads: attention heads.
+        ffn_dim: inner size of the feed-forward network.
+        dropout: residual and feed-forward dropout.
+        attention_dropout: dropout on attention weights.
+        norm_placement: `"post"` (paper) or `"pre"`.
+        layer_norm_epsilon: epsilon of the layer norms.
+
+    Call arguments:
+        inputs: target states `[batch, target_length, model_dim]`.
+        memory: encoder output `[batch, source_length, model_dim]`.
+        target_padding_mask: optional boolean `[batch, target_length]`; padded target keys
+            get no weight (causality already hides right padding; this matters for left padding).
+        memory_padding_mask: boolean `[batch, source_length]`, `False` at source padding.
+        training: enables dropout.
+
+    Returns:
+        `[batch, target_length, model_dim]`.
+    """
+
+    def __init__(
+        self,
+        num_heads,
+        ffn_dim,
+        dropout=0.0,
+        attention_dropout=0.0,
+        norm_placement="post",
+        layer_norm_epsilon=1e-6,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.num_heads = int(num_heads)
+        self.ffn_dim = int(ffn_dim)
+        self.dropout = float(dropout)
+        self.attention_dropout = float(attention_dropout)
+        self.norm_placement = norm_placement
+        self.layer_norm_epsilon = float(layer_norm_epsilon)
+
+    def build(self, inputs_shape, memory_shape=None):
+        memory_shape = inputs_shape if memory_shape is None else memory_shape
+        model_dim = inputs_shape[-1]
+        if model_dim % self.num_heads:
+            raise ValueError(
+                f"model_dim ({model_dim}) must be divisible by num_heads ({self.num_heads})"
+            )
+        self.model_dim = model_dim
+        block = dict(
+            norm_placement=self.norm_placement,
+            epsilon=self.layer_norm_epsilon,
+            dropout=self.dropout,
+            dtype=self.dtype_policy,
+        )
+        attention = dict(
+            num_heads=self.num_heads,
+            key_dim=model_dim // self.num_heads,
+            dropout=self.attention_dropout,
+            dtype=self.dtype_policy,
+        )
+        self.self_attention = MultiHeadAttention(name="self_attention", **attention)
+        self.self_attention.build(inputs_shape)
+        self.self_attention_block = ResidualBlock(name="self_attention_residual", **block)
+        self.self_attention_block.build(inputs_shape)
+        self.cross_attention = MultiHeadAttention(name="cross_attention", **attention)
+        self.cross_attention.build(inputs_shape, memory_shape)
+        self.cross_attention_block = ResidualBlock(name="cross_attention_residual", **block)
+        self.cross_attention_block.build(inputs_shape)
+        self.feed_forward = PositionwiseFeedForward(
+            self.ffn_dim, dropout=self.dropout, dtype=self.dtype_policy, name="feed_forward"
+        )
+        self.feed_forward.build(inputs_shape)
+        self.feed_forward_block = ResidualBlock(name="feed_forward_residual", **block)
+        self.feed_forward_block.build(inputs_shape)
+        self.built = True
+
+    def call(
+        self,
+        inputs,
+        memory,
+        target_padding_mask=None,
+        memory_padding_mask=None,
+        training=None,
+    ):
+        block = self.self_attention_block
+        attended = self.self_attention(
+            block.normalize_input(inputs),
+            attention_mask=target_padding_mask,
+            use_causal_mask=True,
+            training=training,
+        )
+        x = block(inputs, attended, training=training)
+        block = self.cross_attention_block
+        attended = self.cross_attention(
+            block.normalize_input(x),
+            memory,
+            attention_mask=memory_padding_mask,
+            training=training,
+        )
+        x = block(x, attended, training=training)
+        return self._feed_forward(x, training=training)
+
+    def _feed_forward(self, x, training=None):
+        block = self.feed_forward_block
+        return block(
+            x, self.feed_forward(block.normalize_input(x), training=training), training=training
+        )
+
+    # -- incremental decoding ------------------------------------------------------------
+    def compute_cross_key_value(self, memory):
+        """Encoder-decoder keys and values `[batch, source_length, heads, head_dim]`, once per source."""
+        return self.cross_attention.compute_key_value(memory)
+
+    def init_cache(self, batch_size, max_length, dtype=None):
+        """A zero `(key_cache, value_cache)` pair, each `[batch_size, max_length, heads, head_dim]`."""
+        shape = (batch_size, max_length, self.num_heads, self.model_dim // self.num_heads)
+        dtype = dtype or self.compute_dtype
+        return ops.zeros(shape, dtype=dtype), ops.zeros(shape, dtype=dtype)
+
+    def call_step(
+        self,
+        inputs,
+        key_cache,
+        value_cache,
+        cache_index,
+        cross_key,
+        cross_value,
+        memory_padding_mask=None,
+        beams=1,
+    ):
+        """Decodes one position.
+
+        Args:
+            inputs: `[batch * beams, 1, model_dim]`, rows grouped by sentence
+                (row `i * beams + k` is beam `k` of sentence `i`).
+            key_cache, value_cache: `[batch * beams, max_length, heads, head_dim]`.
+            cache_index: scalar int, the position being decoded.
+            cross_key, cross_value: `[batch, source_length, heads, head_dim]` from
+                `compute_cross_key_value`, shared by the beams of a sentence.
+            memory_padding_mask: boolean `[batch, source_length]`.
+            beams: beams per sentence (a Python int).
+
+        Returns:
+            `(outputs [batch * beams, 1, model_dim], key_cache, value_cache)`.
+        """
+        block = self.self_attention_block
+        attended, key_cache, value_cache = self.self_attention.call_cached(
+            block.normalize_input(inputs), key_cache, value_cache, cache_index
+        )
+        x = block(inputs, attended)
+        block = self.cross_attention_block
+        # [batch * beams, 1, d] -> [batch, beams, d]: the beams act as query positions.
+        query = ops.reshape(block.normalize_input(x), (-1, beams, self.model_dim))
+        mask = None if memory_padding_mask is None else memory_padding_mask[:, None, None, :]
+        attended = self.cross_attention.attend(
+            self.cross_attention.query_dense(query), cross_key, cross_value, mask
+        )
+        x = block(x, ops.reshape(attended, (-1, 1, self.model_dim)))
+        return self._feed_forward(x), key_cache, value_cache
+
+    def compute_output_shape(self, inputs_shape, memory_shape=None):
+        return inputs_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            num_heads=self.num_heads,
+            ffn_dim=self.ffn_dim,
+            dropout=self.dropout,
+            attention_dropout=self.attention_dropout,
+            norm_placement=self.norm_placement,
+            layer_norm_epsilon=self.layer_norm_epsilon,
+        )
+        return config

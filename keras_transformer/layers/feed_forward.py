@@ -1,0 +1,77 @@
+"""Position-wise feed-forward network (§3.3)."""
+
+import keras
+
+
+@keras.saving.register_keras_serializable(package="keras_transformer")
+class PositionwiseFeedForward(keras.layers.Layer):
+    """`FFN(x) = max(0, x W1 + b1) W2 + b2`, applied to every position alike.
+
+    Args:
+        hidden_dim: inner size `d_ff`.
+        dropout: dropout on the inner activation (as in tensor2tensor's `relu_dropout`).
+        activation: inner activation, `"relu"` in the paper.
+        kernel_initializer: initializer of both kernels.
+
+    Call arguments:
+        inputs: `[batch, length, model_dim]`.
+        training: enables dropout.
+
+    Returns:
+        `[batch, length, model_dim]`.
+    """
+
+    def __init__(
+        self,
+        hidden_dim,
+        dropout=0.0,
+        activation="relu",
+        kernel_initializer="glorot_uniform",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.hidden_dim = int(hidden_dim)
+        self.dropout = float(dropout)
+        self.activation = keras.activations.get(activation)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+
+    def build(self, inputs_shape):
+        model_dim = inputs_shape[-1]
+        self.inner_dense = keras.layers.Dense(
+            self.hidden_dim,
+            activation=self.activation,
+            kernel_initializer=keras.initializers.get(
+                keras.initializers.serialize(self.kernel_initializer)
+            ),
+            dtype=self.dtype_policy,
+            name="inner",
+        )
+        self.output_dense = keras.layers.Dense(
+            model_dim,
+            kernel_initializer=keras.initializers.get(
+                keras.initializers.serialize(self.kernel_initializer)
+            ),
+            dtype=self.dtype_policy,
+            name="output",
+        )
+        self.dropout_layer = keras.layers.Dropout(self.dropout, name="inner_dropout")
+        self.inner_dense.build(inputs_shape)
+        self.output_dense.build((*inputs_shape[:-1], self.hidden_dim))
+        self.built = True
+
+    def call(self, inputs, training=None):
+        hidden = self.dropout_layer(self.inner_dense(inputs), training=training)
+        return self.output_dense(hidden)
+
+    def compute_output_shape(self, inputs_shape):
+        return inputs_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            hidden_dim=self.hidden_dim,
+            dropout=self.dropout,
+            activation=keras.activations.serialize(self.activation),
+            kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
+        )
+        return config

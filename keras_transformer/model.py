@@ -1,0 +1,234 @@
+"""The encoder-decoder as a functional Keras model, plus the pieces incremental decoding needs."""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+from keras_transformer.config import TransformerConfig
+from keras_transformer.layers.decoder_layer import TransformerDecoderLayer
+from keras_transformer.layers.encoder_layer import TransformerEncoderLayer
+from keras_transformer.layers.masks import padding_mask
+from keras_transformer.layers.token_and_position_embedding import TokenAndPositionEmbedding
+
+
+@keras.saving.register_keras_serializable(package="keras_transformer")
+class Transformer(keras.Model):
+    """The Transformer of Vaswani et al. (2017) as a functional model.
+
+    Inputs are `source_ids` and `target_ids`, int32 `[batch, length]` with 0 as padding
+    (`target_ids` starts with `bos_id`: it is the decoder input, shifted right). The output is
+    float32 logits `[batch, target_length, target_vocab_size]`. Because the model is functional,
+    `model.fit`, `model.summary()`, `keras.saving` and the JAX backend work as with any Keras
+    model; `get_config()` holds the `TransformerConfig`, so a `.keras` file rebuilds exactly.
+
+    Besides the training graph, the model exposes the steps of incremental decoding
+    (`encode`, `init_decoder_state`, `decode_step`) that share its layers and weights.
+
+    Args:
+        config: a `TransformerConfig` (or its dict).
+
+    Example:
+    >>> model = Transformer(TransformerConfig.preset("tiny"))
+    >>> logits = model({"source_ids": source_ids, "target_ids": target_ids})
+    """
+
+    def __init__(self, config: TransformerConfig | dict, **kwargs):
+        if isinstance(config, dict):
+            config = TransformerConfig.from_dict(config)
+        c = config
+        source_ids = keras.Input(shape=(None,), dtype="int32", name="source_ids")
+        target_ids = keras.Input(shape=(None,), dtype="int32", name="target_ids")
+
+        embedding = dict(max_length=c.max_length, dropout=c.dropout, pad_id=c.pad_id)
+        if c.share_embeddings:
+            source_embedding = TokenAndPositionEmbedding(
+                c.vocab_size, c.d_model, name="token_embedding", **embedding
+            )
+            target_embedding = source_embedding
+            output_projection = None
+        else:
+            source_embedding = TokenAndPositionEmbedding(
+                c.vocab_size, c.d_model, name="source_embedding", **embedding
+            )
+            target_embedding = TokenAndPositionEmbedding(
+                c.resolved_target_vocab_size, c.d_model, name="target_embedding", **embedding
+            )
+            output_projection = keras.layers.Dense(
+                c.resolved_target_vocab_size, use_bias=False, name="output_projection"
+            )
+        layer_args = dict(
+            num_heads=c.num_heads,
+            ffn_dim=c.ffn_dim,
+            dropout=c.dropout,
+            attention_dropout=c.attention_dropout,
+            norm_placement=c.norm_placement,
+            layer_norm_epsilon=c.layer_norm_epsilon,
+        )
+        encoder_layers = [
+            TransformerEncoderLayer(name=f"encoder_layer_{i}", **layer_args)
+            for i in range(c.num_encoder_layers)
+        ]
+        decoder_layers = [
+            TransformerDecoderLayer(name=f"decoder_layer_{i}", **layer_args)
+            for i in range(c.num_decoder_layers)
+        ]
+        # Pre-norm leaves the residual stream unnormalized; each stack ends with a layer norm.
+        pre_norm = c.norm_placement == "pre"
+        final_norm = dict(epsilon=c.layer_norm_epsilon)
+        encoder_norm = (
+            keras.layers.LayerNormalization(name="encoder_final_norm", **final_norm)
+            if pre_norm
+            else None
+        )
+        decoder_norm = (
+            keras.layers.LayerNormalization(name="decoder_final_norm", **final_norm)
+            if pre_norm
+            else None
+        )
+
+        source_mask = padding_mask(source_ids, c.pad_id)
+        memory = source_embedding(source_ids)
+        for layer in encoder_layers:
+            memory = layer(memory, padding_mask=source_mask)
+        if encoder_norm is not None:
+            memory = encoder_norm(memory)
+        hidden = target_embedding(target_ids)
+        for layer in decoder_layers:
+            hidden = layer(hidden, memory, memory_padding_mask=source_mask)
+        if decoder_norm is not None:
+            hidden = decoder_norm(hidden)
+        if output_projection is None:
+            logits = target_embedding(hidden, reverse=True)
+        else:
+            logits = output_projection(hidden)
+        # The loss and softmax want float32 even when the layers compute in bfloat16.
+        logits = ops.cast(logits, "float32")
+
+        super().__init__(
+            inputs={"source_ids": source_ids, "target_ids": target_ids},
+            outputs=logits,
+            **kwargs,
+        )
+        self.config = c
+        self.source_embedding = source_embedding
+        self.target_embedding = target_embedding
+        self.output_projection = output_projection
+        self.encoder_layers = encoder_layers
+        self.decoder_layers = decoder_layers
+        self.encoder_norm = encoder_norm
+        self.decoder_norm = decoder_norm
+
+    def get_config(self):
+        return {"name": self.name, "trainable": self.trainable, "config": self.config.to_dict()}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    # -- incremental decoding ----------------------------------------------------------------
+    def encode(self, source_ids, training=False):
+        """Runs the encoder.
+
+        Args:
+            source_ids: int `[batch, source_length]`, 0 = padding.
+
+        Returns:
+            `(memory [batch, source_length, d_model], source_mask bool [batch, source_length])`.
+        """
+        source_ids = ops.cast(source_ids, "int32")
+        source_mask = padding_mask(source_ids, self.config.pad_id)
+        memory = self.source_embedding(source_ids, training=training)
+        for layer in self.encoder_layers:
+            memory = layer(memory, padding_mask=source_mask, training=training)
+        if self.encoder_norm is not None:
+            memory = self.encoder_norm(memory)
+        return memory, source_mask
+
+    def project(self, hidden):
+        """Final norm (pre-norm only) and pre-softmax projection: float32 logits."""
+        if self.decoder_norm is not None:
+            hidden = self.decoder_norm(hidden)
+        if self.output_projection is None:
+            logits = self.target_embedding(hidden, reverse=True)
+        else:
+            logits = self.output_projection(hidden)
+        return ops.cast(logits, "float32")
+
+    def decode(self, target_ids, memory, source_mask, training=False):
+        """Full (uncached) decoder pass: logits `[batch, target_length, vocab]` for every position."""
+        hidden = self.target_embedding(ops.cast(target_ids, "int32"), training=training)
+        for layer in self.decoder_layers:
+            hidden = layer(hidden, memory, memory_padding_mask=source_mask, training=training)
+        return self.project(hidden)
+
+    def init_decoder_state(self, memory, source_mask, max_length, beams=1):
+        """Everything `decode_step` reads: caches and encoder-decoder keys/values.
+
+        Args:
+            memory: encoder output `[batch, source_length, d_model]`.
+            source_mask: `[batch, source_length]`.
+            max_length: number of target positions the caches hold.
+            beams: hypotheses per sentence; caches get `batch * beams` rows while the
+                encoder-decoder keys/values keep `batch` rows, shared by a sentence's beams.
+
+        Returns:
+            A dict: `"key_caches"`/`"value_caches"` (lists over layers of
+            `[batch * beams, max_length, heads, head_dim]`), `"cross_keys"`/`"cross_values"`
+            (lists of `[batch, source_length, heads, head_dim]`) and `"source_mask"`.
+        """
+        if max_length > self.config.max_length:
+            raise ValueError(
+                f"max_length ({max_length}) exceeds the model's positional table "
+                f"(config.max_length={self.config.max_length})"
+            )
+        rows = ops.shape(memory)[0] * beams
+        state = {"key_caches": [], "value_caches": [], "cross_keys": [], "cross_values": []}
+        for layer in self.decoder_layers:
+            key_cache, value_cache = layer.init_cache(rows, max_length, dtype=memory.dtype)
+            cross_key, cross_value = layer.compute_cross_key_value(memory)
+            state["key_caches"].append(key_cache)
+            state["value_caches"].append(value_cache)
+            state["cross_keys"].append(cross_key)
+            state["cross_values"].append(cross_value)
+        state["source_mask"] = source_mask
+        return state
+
+    def decode_step(self, token_ids, index, state, beams=1):
+        """Logits for the next token after feeding `token_ids` at position `index`.
+
+        Args:
+            token_ids: int `[batch * beams]`, the tokens at position `index`.
+            index: scalar int, their position (0 for `bos_id`).
+            state: from `init_decoder_state`; its caches are returned updated.
+            beams: hypotheses per sentence.
+
+        Returns:
+            `(logits float32 [batch * beams, vocab], new_state)`.
+        """
+        hidden = self.target_embedding(
+            ops.cast(token_ids, "int32")[:, None], start_index=index, training=False
+        )
+        key_caches, value_caches = [], []
+        for i, layer in enumerate(self.decoder_layers):
+            hidden, key_cache, value_cache = layer.call_step(
+                hidden,
+                state["key_caches"][i],
+                state["value_caches"][i],
+                index,
+                state["cross_keys"][i],
+                state["cross_values"][i],
+                memory_padding_mask=state["source_mask"],
+                beams=beams,
+            )
+            key_caches.append(key_cache)
+            value_caches.append(value_cache)
+        new_state = dict(state, key_caches=key_caches, value_caches=value_caches)
+        return self.project(hidden)[:, 0, :], new_state
+
+
+def build_transformer(config: TransformerConfig | dict | str) -> Transformer:
+    """Builds the functional encoder-decoder for `config` (a config, its dict, or a preset name)."""
+    if isinstance(config, str):
+        config = TransformerConfig.preset(config)
+    return Transformer(config, name="transformer")
