@@ -1,4 +1,4 @@
-"""`TransformerConfig`: every hyper-parameter of one model, its named presets and JSON round trip."""
+"""`TransformerConfig`: every hyper-parameter of one model, named presets, JSON round trip."""
 
 from __future__ import annotations
 
@@ -114,7 +114,7 @@ class TransformerConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> TransformerConfig:
-        """A named preset, with any field overridden: `TransformerConfig.preset("base", vocab_size=37000)`."""
+        """A named preset with fields overridden: `preset("base", vocab_size=37000)`."""
         if name not in PRESETS:
             raise ValueError(f"Unknown preset {name!r}; expected one of {sorted(PRESETS)}")
         return cls.from_dict({**PRESETS[name], **overrides})

@@ -156,7 +156,7 @@ class Transformer(keras.Model):
         return ops.cast(logits, "float32")
 
     def decode(self, target_ids, memory, source_mask, training=False):
-        """Full (uncached) decoder pass: logits `[batch, target_length, vocab]` for every position."""
+        """Full (uncached) decoder pass: logits `[batch, target_length, vocab]`."""
         hidden = self.target_embedding(ops.cast(target_ids, "int32"), training=training)
         for layer in self.decoder_layers:
             hidden = layer(hidden, memory, memory_padding_mask=source_mask, training=training)

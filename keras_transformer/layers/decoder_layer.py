@@ -129,11 +129,11 @@ class TransformerDecoderLayer(keras.layers.Layer):
 
     # -- incremental decoding ------------------------------------------------------------
     def compute_cross_key_value(self, memory):
-        """Encoder-decoder keys and values `[batch, source_length, heads, head_dim]`, once per source."""
+        """Encoder-decoder keys/values `[batch, source_length, heads, head_dim]`, per source."""
         return self.cross_attention.compute_key_value(memory)
 
     def init_cache(self, batch_size, max_length, dtype=None):
-        """A zero `(key_cache, value_cache)` pair, each `[batch_size, max_length, heads, head_dim]`."""
+        """Zero `(key_cache, value_cache)`, each `[batch_size, max_length, heads, head_dim]`."""
         shape = (batch_size, max_length, self.num_heads, self.model_dim // self.num_heads)
         dtype = dtype or self.compute_dtype
         return ops.zeros(shape, dtype=dtype), ops.zeros(shape, dtype=dtype)

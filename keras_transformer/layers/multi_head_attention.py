@@ -93,7 +93,7 @@ class MultiHeadAttention(keras.layers.Layer):
 
     # -- pieces, used by the cached decoder ----------------------------------------------
     def compute_key_value(self, value):
-        """Projects `value` `[batch, length, model_dim]` to keys and values `[batch, length, h, d]`."""
+        """Projects `value` `[batch, length, model_dim]` to keys, values `[batch, length, h, d]`."""
         return self.key_dense(value), self.value_dense(value)
 
     def attend(self, query, key, value, attention_mask=None, training=None):
@@ -167,7 +167,7 @@ class MultiHeadAttention(keras.layers.Layer):
 
 
 def causal_mask(query_length, key_length):
-    """Boolean `[query_length, key_length]`: query i may see keys `<= i + (key_length - query_length)`."""
+    """Boolean `[query_length, key_length]`; query i sees keys `<= i + key_len - query_len`."""
     rows = ops.arange(query_length)[:, None] + (key_length - query_length)
     return ops.greater_equal(rows, ops.arange(key_length)[None, :])
 

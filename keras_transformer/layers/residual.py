@@ -4,7 +4,7 @@ import keras
 
 
 class ResidualBlock(keras.layers.Layer):
-    """`LayerNorm(x + Dropout(f(x)))` (post-norm, §5.4) or `x + Dropout(f(LayerNorm(x)))` (pre-norm).
+    """`LayerNorm(x + Dropout(f(x)))` (post-norm, §5.4) or `x + Dropout(f(LayerNorm(x)))`.
 
     Created by the encoder and decoder layers in their `build()`; it holds the norm and dropout
     of one sub-layer, while the owner calls the sub-layer itself between `normalize_input` and
