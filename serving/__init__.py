@@ -1,0 +1,1 @@
+"""Serving the exported translator: TF Serving config, a gRPC client and a development server."""
