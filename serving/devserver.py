@@ -699,6 +699,9 @@ def start_model_server(
     model_config: str | os.PathLike | model_config_lib.ModelServerConfig,
     prefer: str = "auto",
     host: str = "127.0.0.1",
+    max_batch_size: int = 64,
+    file_system_poll_wait_seconds: float = 1.0,
+    allow_version_labels_for_unavailable_models: bool = False,
     timeout: float = 120.0,
     **devserver_kwargs,
 ) -> DevServer | ModelServerProcess:
@@ -712,11 +715,16 @@ def start_model_server(
         prefer: "auto", "tensorflow_model_server" (fail if not installed) or "devserver".
         host: Address clients use. The devserver binds only to it; TF Serving has no flag
             for the gRPC interface and listens on all of them.
+        max_batch_size: Most rows per request: the devserver's cap, and TF Serving's batching
+            `max_batch_size` (it is started with `--enable_batching`, as in production).
+        file_system_poll_wait_seconds: How often new version folders are picked up.
+        allow_version_labels_for_unavailable_models: As TF Serving's flag.
         timeout: Seconds to wait for `tensorflow_model_server` to load the models.
-        **devserver_kwargs: Passed to `start_server` when the devserver is used.
+        **devserver_kwargs: Further `start_server` arguments, used only by the devserver.
 
     Returns:
-        A handle with `.address`, `.kind` and `.stop()`.
+        A handle with `.address`, `.kind` ("devserver" or "tensorflow_model_server") and
+        `.stop()`.
     """
     if prefer not in ("auto", "tensorflow_model_server", "devserver"):
         raise ValueError(
@@ -726,7 +734,14 @@ def start_model_server(
     if prefer == "tensorflow_model_server" and binary is None:
         raise FileNotFoundError("prefer='tensorflow_model_server' but it is not on PATH")
     if prefer == "devserver" or binary is None:
-        return start_server(model_config, host=host, **devserver_kwargs)
+        return start_server(
+            model_config,
+            host=host,
+            max_batch_size=max_batch_size,
+            file_system_poll_wait_seconds=file_system_poll_wait_seconds,
+            allow_version_labels_for_unavailable_models=allow_version_labels_for_unavailable_models,
+            **devserver_kwargs,
+        )
 
     tmpdir = tempfile.mkdtemp(prefix="tf_model_server_")
     if isinstance(model_config, model_config_lib.ModelServerConfig):
@@ -736,6 +751,13 @@ def start_model_server(
     else:
         config_file = os.fspath(model_config)
         config = model_config_lib.read_model_server_config(config_file)
+    batching_file = os.path.join(tmpdir, "batching_parameters.txt")
+    with open(batching_file, "w", encoding="utf-8") as file:
+        file.write(
+            f"max_batch_size {{ value: {max_batch_size} }}\n"
+            "batch_timeout_micros { value: 1000 }\n"
+            "num_batch_threads { value: 2 }\n"
+        )
     port = _free_port(host)
     log_path = os.path.join(tmpdir, "server.log")
     command = [
@@ -743,9 +765,11 @@ def start_model_server(
         f"--port={port}",
         "--rest_api_port=0",
         f"--model_config_file={config_file}",
-        "--file_system_poll_wait_seconds=1",
+        f"--file_system_poll_wait_seconds={max(1, round(file_system_poll_wait_seconds))}",
+        "--enable_batching",
+        f"--batching_parameters_file={batching_file}",
     ]
-    if devserver_kwargs.get("allow_version_labels_for_unavailable_models"):
+    if allow_version_labels_for_unavailable_models:
         command.append("--allow_version_labels_for_unavailable_models")
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)

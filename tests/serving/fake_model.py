@@ -37,7 +37,7 @@ class FakeTranslator(tf.Module):
             tf.gather(words.flat_values, starts + lengths - 1 - positions)
         )
         translations = tf.strings.upper(
-            tf.strings.reduce_join(reversed_words, axis=1, separator=" ")
+            tf.strings.reduce_join(reversed_words, axis=1, separator=" "), encoding="utf-8"
         )
         return translations, tf.strings.length(text) > TRUNCATE_BYTES
 
@@ -54,7 +54,7 @@ class FakeTranslator(tf.Module):
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="text")])
     def beam(self, text):
         translations, truncated = self._translate(text)
-        nbest = tf.stack([translations, tf.strings.lower(translations)], axis=1)
+        nbest = tf.stack([translations, tf.strings.lower(translations, encoding="utf-8")], axis=1)
         batch = tf.shape(text)[0]
         scores = tf.tile(tf.constant([[-1.0, -2.0]]), [batch, 1])
         return {
@@ -82,8 +82,8 @@ class FakeTranslator(tf.Module):
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="text")])
     def call_count(self, text):
         # Not part of the contract: lets tests see how many text calls (warmup included) ran.
-        del text
-        return {"count": self.calls.read_value()}
+        # One value per row, because TF Serving's batching needs a batch dimension on outputs.
+        return {"count": tf.fill(tf.shape(text), self.calls.read_value())}
 
 
 def warmup_records(texts: list[str], signature: str = "serving_default") -> list[bytes]:

@@ -1,0 +1,69 @@
+"""Fixtures serving SavedModels over TF Serving's gRPC API: the real server when installed.
+
+`serve_models(config)` starts `tensorflow_model_server` if it is on PATH, else the devserver, and
+returns a handle with `.address`; SERVING_TEST_SERVER=devserver|tensorflow_model_server forces one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+from fake_model import write_fake_model
+
+from serving import devserver
+from serving.model_config import make_model_server_config
+
+SERVER_KIND = os.environ.get("SERVING_TEST_SERVER", "auto")
+WARMUP_TEXTS = ["warmup one", "warmup two", "warmup three"]
+# Small, so that the batch cap is cheap to exceed in tests.
+MAX_BATCH_SIZE = 16
+
+
+def start(model_config, **kwargs):
+    """Starts the server the environment asks for; see `serving.devserver.start_model_server`."""
+    kwargs.setdefault("max_batch_size", MAX_BATCH_SIZE)
+    return devserver.start_model_server(model_config, prefer=SERVER_KIND, **kwargs)
+
+
+@pytest.fixture
+def serve_models():
+    """Factory `serve_models(config_or_path, **kwargs)` -> a server, stopped after the test."""
+    servers = []
+
+    def serve(model_config, **kwargs):
+        server = start(model_config, **kwargs)
+        servers.append(server)
+        return server
+
+    yield serve
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def fake_export(tmp_path_factory):
+    """An export base holding the fake model as several models.
+
+    transformer/1 (with a warmup file); labelled/1 and labelled/2 (copies, for labels);
+    warmed/1 (a copy only the warmup test calls, so its call count is exact).
+    """
+    base = tmp_path_factory.mktemp("exports")
+    version_dir = write_fake_model(base / "transformer", 1, warmup=WARMUP_TEXTS)
+    for name, version in (("labelled", 1), ("labelled", 2), ("warmed", 1)):
+        shutil.copytree(version_dir, base / name / str(version))
+    return base
+
+
+@pytest.fixture(scope="session")
+def model_server(fake_export):
+    """One server for the session, serving the models of `fake_export`."""
+    config = make_model_server_config(
+        {name: fake_export / name for name in ("transformer", "labelled", "warmed")},
+        versions={"labelled": [1, 2]},
+        labels={"labelled": {"stable": 1, "canary": 2}},
+    )
+    server = start(config)
+    yield server
+    server.stop()
