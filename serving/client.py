@@ -107,7 +107,16 @@ class TranslationClient:
         self.max_batch_size = max_batch_size
         self.retries = retries
         self.backoff = backoff
-        self._channel = grpc.insecure_channel(server)
+        # gRPC waits 1 s or more before reconnecting to a server that refused a connection, and
+        # RPCs fail at once meanwhile; matching it to our backoff makes the retries count.
+        reconnect_ms = max(100, int(backoff * 1000))
+        self._channel = grpc.insecure_channel(
+            server,
+            options=[
+                ("grpc.initial_reconnect_backoff_ms", reconnect_ms),
+                ("grpc.min_reconnect_backoff_ms", reconnect_ms),
+            ],
+        )
         self._predictions = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
         self._models = model_service_pb2_grpc.ModelServiceStub(self._channel)
 
