@@ -1,0 +1,54 @@
+"""The same model builds, trains and decodes with KERAS_BACKEND=jax (in a subprocess)."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = r"""
+import json, numpy as np, keras
+from keras_transformer import (MaskedLabelSmoothingLoss, MaskedTokenAccuracy, TransformerConfig,
+                               build_transformer, transformer_optimizer)
+from tests.core.copy_task import copy_task_batch
+keras.utils.set_random_seed(0)
+config = TransformerConfig.preset("tiny", norm_placement="pre")
+model = build_transformer(config)
+model.compile(optimizer=transformer_optimizer(config.d_model, warmup_steps=10),
+              loss=MaskedLabelSmoothingLoss(0.1), metrics=[MaskedTokenAccuracy()])
+x, y = copy_task_batch(config, 64)
+before = [w.copy() for w in model.get_weights()]
+losses = [float(model.train_on_batch(x, y)[0]) for _ in range(3)]
+changed = sum(int(not np.array_equal(a, b)) for a, b in zip(before, model.get_weights()))
+full = keras.ops.convert_to_numpy(model(x))
+memory, mask = model.encode(x["source_ids"])
+state = model.init_decoder_state(memory, mask, max_length=12)
+logits, state = model.decode_step(x["target_ids"][:, 0], 0, state)
+step_error = float(np.abs(keras.ops.convert_to_numpy(logits) - full[:, 0]).max())
+print(json.dumps({"backend": keras.config.backend(), "losses": losses, "changed": changed,
+                  "weights": len(before), "step_error": step_error}))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="JAX is not installed")
+def test_train_step_and_decode_step_on_jax():
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=str(root), JAX_PLATFORMS="cpu")
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["backend"] == "jax"
+    assert all(map(lambda v: v == v and v < 10, report["losses"]))
+    assert report["losses"][-1] < report["losses"][0]
+    assert report["changed"] == report["weights"]
+    assert report["step_error"] < 1e-4

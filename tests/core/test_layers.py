@@ -1,0 +1,115 @@
+"""Each layer: output shape, config round trip through keras.saving, masks, and the decode cache."""
+
+import keras
+import numpy as np
+import pytest
+
+from keras_transformer import TransformerConfig, build_transformer
+from keras_transformer.layers import (
+    MultiHeadAttention,
+    PositionwiseFeedForward,
+    TokenAndPositionEmbedding,
+    TransformerDecoderLayer,
+    TransformerEncoderLayer,
+    sinusoidal_position_encoding,
+)
+
+rng = np.random.default_rng(0)
+X = rng.normal(size=(2, 5, 16)).astype("float32")
+MEMORY = rng.normal(size=(2, 7, 16)).astype("float32")
+IDS = np.array([[5, 9, 3, 0, 0], [4, 4, 8, 11, 3]], "int32")
+
+LAYERS = [
+    (lambda: TokenAndPositionEmbedding(20, 16, max_length=32, dropout=0.1), (IDS,), (2, 5, 16)),
+    (lambda: MultiHeadAttention(num_heads=4, key_dim=4, dropout=0.1), (X, MEMORY), (2, 5, 16)),
+    (lambda: PositionwiseFeedForward(32, dropout=0.1), (X,), (2, 5, 16)),
+    (lambda: TransformerEncoderLayer(4, 32, dropout=0.1, norm_placement="pre"), (X,), (2, 5, 16)),
+    (lambda: TransformerDecoderLayer(4, 32, dropout=0.1), (X, MEMORY), (2, 5, 16)),
+]
+
+
+@pytest.mark.parametrize("make_layer, inputs, shape", LAYERS)
+def test_shape_and_serialization_round_trip(make_layer, inputs, shape):
+    layer = make_layer()
+    outputs = keras.ops.convert_to_numpy(layer(*inputs))
+    assert outputs.shape == shape
+    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
+    assert restored.get_config() == layer.get_config()
+    restored(*inputs)
+    restored.set_weights(layer.get_weights())
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(restored(*inputs)), outputs, atol=1e-6)
+    assert len(restored.trainable_weights) == len(layer.trainable_weights)
+
+
+def test_positional_encoding_is_the_papers_sinusoid():
+    table = sinusoidal_position_encoding(50, 8)
+    position, i = 7, 2
+    assert table[position, 2 * i] == pytest.approx(np.sin(position / 10000 ** (2 * i / 8)))
+    assert table[position, 2 * i + 1] == pytest.approx(np.cos(position / 10000 ** (2 * i / 8)))
+
+
+def test_embedding_is_scaled_and_reversible():
+    layer = TokenAndPositionEmbedding(20, 16, max_length=32)
+    out = keras.ops.convert_to_numpy(layer(IDS))
+    table = keras.ops.convert_to_numpy(layer.embeddings)
+    expected = table[IDS] * 4.0 + sinusoidal_position_encoding(32, 16)[:5]
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+    shifted = keras.ops.convert_to_numpy(layer(IDS[:, 2:3], start_index=2))
+    np.testing.assert_allclose(shifted, expected[:, 2:3], atol=1e-5)
+    logits = keras.ops.convert_to_numpy(layer(X, reverse=True))
+    np.testing.assert_allclose(logits, X @ table.T, atol=1e-4)
+
+
+def test_attention_ignores_masked_keys():
+    layer = MultiHeadAttention(num_heads=2, key_dim=8)
+    mask = np.array([[1, 1, 1, 0, 0, 0, 0], [1] * 7], bool)
+    full = keras.ops.convert_to_numpy(layer(X, MEMORY, attention_mask=mask))
+    garbage = MEMORY.copy()
+    garbage[0, 3:] = 1e3
+    changed = keras.ops.convert_to_numpy(layer(X, garbage, attention_mask=mask))
+    np.testing.assert_allclose(changed, full, atol=1e-5)
+
+
+@pytest.mark.parametrize("norm_placement", ["post", "pre"])
+def test_cached_decode_steps_equal_one_full_pass(norm_placement):
+    config = TransformerConfig.preset("tiny", norm_placement=norm_placement)
+    model = build_transformer(config)
+    source = np.array([[7, 8, 9, 10, 3], [11, 12, 3, 0, 0]], "int32")
+    target = np.array([[2, 20, 21, 22, 23, 24], [2, 30, 31, 32, 0, 0]], "int32")
+    full = keras.ops.convert_to_numpy(model({"source_ids": source, "target_ids": target}))
+    memory, source_mask = model.encode(source)
+    state = model.init_decoder_state(memory, source_mask, max_length=10)
+    for index in range(target.shape[1]):
+        logits, state = model.decode_step(target[:, index], index, state)
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(logits), full[:, index], atol=2e-5)
+    # The cache has a fixed shape: it was preallocated, not grown.
+    assert tuple(state["key_caches"][0].shape) == (2, 10, config.num_heads, config.head_dim)
+
+
+def test_beams_share_encoder_keys_and_values():
+    """Rows [batch * beams] attend to [batch] cross keys/values without tiling them."""
+    config = TransformerConfig.preset("tiny")
+    model = build_transformer(config)
+    source = np.array([[7, 8, 9, 3], [11, 12, 3, 0]], "int32")
+    tokens = np.array([[2, 40, 41], [2, 42, 43], [2, 44, 45]], "int32")  # 3 beams
+    memory, source_mask = model.encode(source)
+    state = model.init_decoder_state(memory, source_mask, max_length=6, beams=3)
+    assert tuple(state["cross_keys"][0].shape)[0] == 2
+    for index in range(3):
+        step_ids = np.concatenate([tokens[:, index], tokens[:, index]])
+        logits, state = model.decode_step(step_ids, index, state, beams=3)
+    logits = keras.ops.convert_to_numpy(logits).reshape(2, 3, -1)
+    for sentence in range(2):
+        full = model(
+            {"source_ids": np.repeat(source[sentence : sentence + 1], 3, 0), "target_ids": tokens}
+        )
+        np.testing.assert_allclose(
+            logits[sentence], keras.ops.convert_to_numpy(full)[:, -1], atol=2e-5
+        )
+
+
+def test_init_decoder_state_rejects_a_cache_longer_than_positions():
+    model = build_transformer(TransformerConfig.preset("tiny"))
+    memory, mask = model.encode(IDS)
+    with pytest.raises(ValueError, match=r"max_length \(100\) exceeds"):
+        model.init_decoder_state(memory, mask, max_length=100)
