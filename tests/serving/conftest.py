@@ -10,15 +10,12 @@ import os
 import shutil
 
 import pytest
-from fake_model import write_fake_model
+from fake_model import MAX_BATCH_SIZE, WARMUP_TEXTS, write_fake_model
 
 from serving import devserver
 from serving.model_config import make_model_server_config
 
 SERVER_KIND = os.environ.get("SERVING_TEST_SERVER", "auto")
-WARMUP_TEXTS = ["warmup one", "warmup two", "warmup three"]
-# Small, so that the batch cap is cheap to exceed in tests.
-MAX_BATCH_SIZE = 16
 
 
 def start(model_config, **kwargs):

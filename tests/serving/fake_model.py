@@ -12,7 +12,10 @@ from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
 # Inputs longer than this many bytes are reported as truncated, like a real model's max length.
 TRUNCATE_BYTES = 40
-NBEST = 2
+# What the serving tests write and configure; here because test modules cannot import conftest.
+WARMUP_TEXTS = ["warmup one", "warmup two", "warmup three"]
+# Small, so that the batch cap is cheap to exceed in tests.
+MAX_BATCH_SIZE = 16
 
 
 def fake_translate(text: str) -> str:

@@ -8,8 +8,7 @@ import threading
 import time
 
 import pytest
-from conftest import MAX_BATCH_SIZE
-from fake_model import fake_translate
+from fake_model import MAX_BATCH_SIZE, fake_translate
 
 from serving import client as client_lib
 from serving import devserver

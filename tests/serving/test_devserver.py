@@ -14,13 +14,14 @@ import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import MAX_BATCH_SIZE, WARMUP_TEXTS
-from fake_model import fake_translate
+from fake_model import MAX_BATCH_SIZE, WARMUP_TEXTS, fake_translate
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
+from serving import devserver
 from serving.client import ModelNotFoundError, TranslationClient
 from serving.model_config import (
     make_model_server_config,
+    parse_model_server_config,
     read_model_server_config,
     select_versions,
 )
@@ -267,3 +268,36 @@ def test_devserver_command_serves_the_production_config(fake_export):
     finally:
         server.terminate()
         server.wait(30)
+
+
+@pytest.mark.parametrize(
+    "policy, expected",
+    [
+        ("", [7]),
+        ("model_version_policy { latest { num_versions: 2 } }", [3, 7]),
+        ("model_version_policy { all {} }", [1, 3, 7]),
+        ("model_version_policy { specific { versions: 1 versions: 5 } }", [1]),
+    ],
+)
+def test_version_policies_select_like_tf_serving(policy, expected):
+    config = parse_model_server_config(
+        f'model_config_list {{ config {{ name: "m" base_path: "/m" {policy} }} }}'
+    )
+    assert select_versions(config.model_config_list.config[0], [3, 1, 7]) == expected
+
+
+def test_config_errors_name_the_problem(tmp_path):
+    with pytest.raises(ValueError, match="models.config is not a valid"):
+        parse_model_server_config("model_config_list { bogus: 1 }", source="models.config")
+    with pytest.raises(ValueError, match="'m' has no base_path"):
+        parse_model_server_config('model_config_list { config { name: "m" } }')
+    config = make_model_server_config({"absent": tmp_path / "absent"})
+    with pytest.raises(RuntimeError, match="absent.*no version folders found"):
+        devserver.start_server(config)
+
+
+def test_devserver_help_says_it_is_not_for_production(capsys):
+    with pytest.raises(SystemExit) as info:
+        devserver.main(["--help"])
+    assert info.value.code == 0
+    assert "NOT a production server" in " ".join(capsys.readouterr().out.split())
