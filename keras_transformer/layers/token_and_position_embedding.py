@@ -101,9 +101,10 @@ class TokenAndPositionEmbedding(keras.layers.Layer):
             return ops.matmul(inputs, ops.transpose(embeddings))
         ids = ops.cast(inputs, "int32")
         embedded = ops.take(self.embeddings, ids, axis=0) * ops.cast(self.scale, self.compute_dtype)
-        length = ops.shape(ids)[1]
-        positions = ops.slice(
-            self.position_encoding, (start_index, 0), (length, self.embedding_dim)
+        # A gather rather than a slice: JAX traces the functional graph with a symbolic length,
+        # which `slice` cannot take as a size.
+        positions = ops.take(
+            self.position_encoding, ops.arange(ops.shape(ids)[1]) + start_index, axis=0
         )
         embedded = embedded + ops.cast(positions, embedded.dtype)[None]
         return self.dropout_layer(embedded, training=training)
