@@ -168,7 +168,9 @@ class Transformer(keras.Model):
         Args:
             memory: encoder output `[batch, source_length, d_model]`.
             source_mask: `[batch, source_length]`.
-            max_length: number of target positions the caches hold.
+            max_length: number of target positions the caches hold: a Python int, or a
+                scalar tensor (a length computed inside `tf.function`) that the caller keeps
+                within `config.max_length`; only a Python int can be checked here.
             beams: hypotheses per sentence; caches get `batch * beams` rows while the
                 encoder-decoder keys/values keep `batch` rows, shared by a sentence's beams.
 
@@ -177,7 +179,7 @@ class Transformer(keras.Model):
             `[batch * beams, max_length, heads, head_dim]`), `"cross_keys"`/`"cross_values"`
             (lists of `[batch, source_length, heads, head_dim]`) and `"source_mask"`.
         """
-        if max_length > self.config.max_length:
+        if isinstance(max_length, int) and max_length > self.config.max_length:
             raise ValueError(
                 f"max_length ({max_length}) exceeds the model's positional table "
                 f"(config.max_length={self.config.max_length})"
