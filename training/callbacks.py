@@ -1,0 +1,223 @@
+"""Keras callbacks of the training command: progress, step checkpoints, dev BLEU, time budget."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from training import model_dir as layout
+
+
+class ProgressLogger(keras.callbacks.Callback):
+    """Prints step, loss, accuracy, learning rate, target tokens/s and ETA every N steps.
+
+    Reads the `target_tokens` metric, a running count within each Keras epoch.
+    """
+
+    def __init__(self, every_steps, max_steps, max_seconds=None, elapsed_before=0.0):
+        super().__init__()
+        self.every_steps = int(every_steps)
+        self.max_steps = int(max_steps)
+        self.max_seconds = max_seconds
+        self.elapsed_before = float(elapsed_before)
+
+    def on_train_begin(self, logs=None):
+        # BackupAndRestore runs before this callback, so a resumed run starts at its step.
+        self.first_step = int(self.model.optimizer.iterations.numpy())
+        self.start = self.window_start = time.monotonic()
+        self.window_tokens = 0.0
+        self.epoch_tokens = 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch_tokens = 0.0
+
+    def on_train_batch_end(self, batch, logs=None):
+        logs = logs or {}
+        tokens = float(logs.get("target_tokens", 0.0))
+        self.window_tokens += max(tokens - self.epoch_tokens, 0.0)
+        self.epoch_tokens = tokens
+        step = int(self.model.optimizer.iterations.numpy())
+        if step % self.every_steps:
+            return
+        now = time.monotonic()
+        rate = self.window_tokens / max(now - self.window_start, 1e-9)
+        elapsed = self.elapsed_before + now - self.start
+        per_step = (now - self.start) / max(step - self.first_step, 1)
+        eta = (self.max_steps - step) * per_step
+        if self.max_seconds:
+            eta = min(eta, max(self.max_seconds - elapsed, 0.0))
+        learning_rate = self.model.optimizer.learning_rate
+        print(
+            f"step {step:>7d}/{self.max_steps} | loss {logs.get('loss', float('nan')):.4f}"
+            f" | acc {logs.get('token_accuracy', float('nan')):.4f}"
+            f" | lr {float(np.asarray(learning_rate)):.2e} | {rate:,.0f} tgt tok/s"
+            f" | elapsed {_clock(elapsed)} | ETA {_clock(eta)}",
+            flush=True,
+        )
+        self.window_start, self.window_tokens = now, 0.0
+
+
+def _clock(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class StepCheckpoints(keras.callbacks.Callback):
+    """Saves weights every N steps as `checkpoints/step-XXXXXXXX.weights.h5`, keeping the last K.
+
+    These are what `training.average` averages; `BackupAndRestore` keeps the resumable state.
+    """
+
+    def __init__(self, model_dir, every_steps, keep=10):
+        super().__init__()
+        self.model_dir = Path(model_dir)
+        self.every_steps = int(every_steps)
+        self.keep = int(keep)
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = int(self.model.optimizer.iterations.numpy())
+        if step % self.every_steps == 0:
+            self.save(step)
+
+    def save(self, step):
+        path = layout.step_checkpoint(self.model_dir, step)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.model.save_weights(path)
+        for _, old in layout.list_step_checkpoints(self.model_dir)[: -self.keep]:
+            old.unlink(missing_ok=True)
+
+
+class BleuEvaluator(keras.callbacks.Callback):
+    """Every N steps: greedy-decodes dev sentences, scores sacreBLEU, keeps the best weights.
+
+    Appends `{"step", "bleu", "signature"}` to `bleu_history.jsonl`, saves `best.weights.h5`
+    when BLEU improves, and stops training after `patience` evaluations without a gain.
+    """
+
+    def __init__(
+        self, model_dir, translator_factory, sources, references, every_steps, patience=None
+    ):
+        super().__init__()
+        self.model_dir = Path(model_dir)
+        self.translator_factory = translator_factory
+        self.sources = list(sources)
+        self.references = list(references)
+        self.every_steps = int(every_steps)
+        self.patience = patience
+        self.history_path = self.model_dir / layout.EVAL_HISTORY
+        history = self.history()
+        self.best = max((entry["bleu"] for entry in history), default=-1.0)
+        self.since_best = 0
+        for entry in history:
+            self.since_best = 0 if entry["bleu"] >= self.best else self.since_best + 1
+        self._translator = None
+
+    def history(self):
+        if not self.history_path.is_file():
+            return []
+        return [json.loads(line) for line in self.history_path.read_text().splitlines() if line]
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = int(self.model.optimizer.iterations.numpy())
+        if step % self.every_steps == 0:
+            self.evaluate(step)
+
+    def evaluate(self, step):
+        import sacrebleu
+
+        if self._translator is None:
+            self._translator = self.translator_factory(self.model)
+        start = time.monotonic()
+        hypotheses = self._translator.translate(self.sources)
+        bleu = sacrebleu.metrics.BLEU()
+        score = bleu.corpus_score(hypotheses, [self.references])
+        entry = {
+            "step": step,
+            "bleu": round(score.score, 2),
+            "signature": str(bleu.get_signature()),
+            "sentences": len(self.sources),
+            "seconds": round(time.monotonic() - start, 1),
+        }
+        with self.history_path.open("a") as file:
+            file.write(json.dumps(entry) + "\n")
+        improved = score.score > self.best
+        if improved:
+            self.best = score.score
+            self.since_best = 0
+            self.model.save_weights(self.model_dir / layout.BEST)
+        else:
+            self.since_best += 1
+        print(
+            f"dev BLEU {score.score:.2f} at step {step} ({entry['seconds']} s)"
+            + (" - new best" if improved else f" - best {self.best:.2f}"),
+            flush=True,
+        )
+        if self.patience and self.since_best >= self.patience:
+            print(f"early stopping: no BLEU gain in {self.patience} evaluations", flush=True)
+            self.model.stop_training = True
+
+
+class TrainingBudget(keras.callbacks.Callback):
+    """Stops at `max_steps` optimizer steps or after `max_seconds` of training, across resumes.
+
+    The seconds already spent are kept in `train_clock.json` next to the backup, written when
+    the backup is, so a resumed run continues the same budget instead of starting a new one.
+    """
+
+    def __init__(self, model_dir, max_steps, max_seconds=None, save_every_steps=500):
+        super().__init__()
+        self.path = Path(model_dir) / "train_clock.json"
+        self.max_steps = int(max_steps)
+        self.max_seconds = max_seconds
+        self.save_every_steps = int(save_every_steps)
+        self.elapsed_before = self.load()
+
+    def load(self):
+        if self.path.is_file():
+            return float(json.loads(self.path.read_text())["seconds"])
+        return 0.0
+
+    def elapsed(self):
+        return self.elapsed_before + time.monotonic() - self.start
+
+    def on_train_begin(self, logs=None):
+        self.start = time.monotonic()
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = int(self.model.optimizer.iterations.numpy())
+        if step % self.save_every_steps == 0:
+            self.save(step)
+        out_of_time = self.max_seconds is not None and self.elapsed() >= self.max_seconds
+        if step >= self.max_steps or out_of_time:
+            reason = "max_steps" if step >= self.max_steps else "max_minutes"
+            print(f"stopping at step {step}: {reason} reached", flush=True)
+            self.model.stop_training = True
+
+    def save(self, step):
+        self.path.write_text(json.dumps({"seconds": self.elapsed(), "step": step}))
+
+    def on_train_end(self, logs=None):
+        self.save(int(self.model.optimizer.iterations.numpy()))
+
+
+class TokenCount(keras.metrics.Metric):
+    """Non-padding target tokens seen in the current epoch (read by `ProgressLogger`)."""
+
+    def __init__(self, pad_id=0, name="target_tokens", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.pad_id = int(pad_id)
+        self.count = self.add_variable(shape=(), initializer="zeros", name="count")
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        mask = keras.ops.not_equal(y_true, self.pad_id)
+        self.count.assign_add(keras.ops.sum(keras.ops.cast(mask, "float32")))
+
+    def result(self):
+        return self.count
+
+    def reset_state(self):
+        self.count.assign(0.0)

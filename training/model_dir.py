@@ -1,0 +1,72 @@
+"""The layout of a model directory, and rebuilding a model and tokenizer from one."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from keras_transformer import TransformerConfig, build_transformer
+
+RUN_CONFIG = "run_config.yaml"
+TRANSFORMER_CONFIG = "transformer_config.json"
+VOCAB = "spm.model"
+CHECKPOINTS = "checkpoints"
+BACKUP = "backup"
+LOGS = "logs"
+BEST = "best.weights.h5"
+AVERAGED = "averaged.weights.h5"
+FINAL = "final.weights.h5"
+EVAL_HISTORY = "bleu_history.jsonl"
+
+_STEP = re.compile(r"step-(\d+)\.weights\.h5$")
+
+
+def step_checkpoint(model_dir: str | Path, step: int) -> Path:
+    return Path(model_dir) / CHECKPOINTS / f"step-{step:08d}.weights.h5"
+
+
+def list_step_checkpoints(model_dir: str | Path) -> list[tuple[int, Path]]:
+    """`(step, path)` of every saved step checkpoint, oldest first."""
+    folder = Path(model_dir) / CHECKPOINTS
+    found = []
+    for path in folder.glob("step-*.weights.h5"):
+        match = _STEP.search(path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def resolve_weights(model_dir: str | Path, checkpoint: str = "auto") -> Path:
+    """A weights file: `auto` (averaged, else best, else final, else last step), a name, a path."""
+    model_dir = Path(model_dir)
+    named = {"averaged": AVERAGED, "best": BEST, "final": FINAL}
+    if checkpoint == "auto":
+        for name in (AVERAGED, BEST, FINAL):
+            if (model_dir / name).is_file():
+                return model_dir / name
+        checkpoint = "last"
+    if checkpoint == "last":
+        steps = list_step_checkpoints(model_dir)
+        if not steps:
+            raise FileNotFoundError(f"No checkpoint in {model_dir / CHECKPOINTS}")
+        return steps[-1][1]
+    path = model_dir / named[checkpoint] if checkpoint in named else Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"Checkpoint {checkpoint!r} not found (looked for {path})")
+    return path
+
+
+def load_transformer(model_dir: str | Path, checkpoint: str = "auto"):
+    """Rebuilds the model of `model_dir` from its `TransformerConfig` and loads its weights.
+
+    Returns:
+        `(model, weights_path)`.
+    """
+    model_dir = Path(model_dir)
+    config_path = model_dir / TRANSFORMER_CONFIG
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{model_dir} is not a model directory: no {TRANSFORMER_CONFIG}")
+    model = build_transformer(TransformerConfig.from_json(config_path))
+    weights = resolve_weights(model_dir, checkpoint)
+    model.load_weights(weights)
+    return model, weights
