@@ -78,6 +78,6 @@ class Translator:
                 batch[i, : len(encoded[row])] = encoded[row]
             target_ids = self._search(tf.constant(batch))
             texts = self.tokenizer.detokenize(target_ids).numpy()
-            for row, text in zip(rows, texts):
+            for row, text in zip(rows, texts, strict=True):
                 results[row] = text.decode("utf-8")
         return results
