@@ -1,0 +1,216 @@
+"""Beam search with GNMT length penalty, alive/finished bookkeeping and cached decoding."""
+
+from __future__ import annotations
+
+from keras import ops
+
+from keras_transformer.decoding.common import (
+    NEG_INF,
+    check_source_ids,
+    length_penalty,
+    output_limits,
+    position_mask,
+)
+
+
+def beam_search(
+    model,
+    source_ids,
+    *,
+    beam_size=4,
+    length_penalty_alpha=0.6,
+    max_output_length=None,
+    extra_length=50,
+    min_output_length=0,
+    num_returned=1,
+    ignore_eos=False,
+):
+    """Beam search as in the paper (§6.1: beam 4, alpha 0.6, source length + 50).
+
+    Every sentence keeps `beam_size` alive hypotheses and, separately, the `beam_size` best
+    finished ones, so a hypothesis that produced eos is never extended (the bookkeeping of
+    tensor2tensor and the Model Garden). Each step scores the `beam_size * vocab` extensions of
+    a sentence with one top-k over `[batch, beam_size * vocab]` and keeps `2 * beam_size`
+    candidates: the best `beam_size` that do not end stay alive, and those that end (eos, or
+    the sentence's length limit) while ranked within the first `beam_size` join the finished
+    set, scored `log_prob / ((5 + length) / 6) ** alpha` (Wu et al., 2016). With
+    `beam_size=1` and `alpha=0` this is exactly greedy search.
+
+    A sentence is done when its `num_returned`-th best finished score is at least the best
+    score an alive hypothesis could still reach (its log-prob can only fall; the penalty is
+    at most that of the longest allowed output), or when nothing is alive; the loop stops when
+    every sentence is done. A done sentence's alive hypotheses are dropped, so a sentence gets
+    the same result alone or in any batch.
+
+    Decoding is incremental: `model.init_decoder_state(..., beams=beam_size)` preallocates
+    self-attention caches of `[batch * beam_size, max_steps, heads, head_dim]` that are
+    reordered by a gather of the surviving beams' rows each step, while the encoder-decoder
+    keys/values stay `[batch, source_length, ...]`, shared by a sentence's beams. The loop is an
+    `ops.while_loop` with fixed-shape state: it traces once inside `tf.function` (dynamic batch
+    and length) and under `jax.jit`.
+
+    Args:
+        model: a `keras_transformer.Transformer`.
+        source_ids: int `[batch, source_length]`, `config.pad_id` as padding.
+        beam_size: hypotheses kept per sentence.
+        length_penalty_alpha: `alpha` of the GNMT length penalty; 0 ranks by log-probability.
+        max_output_length: output tokens per sentence (eos included); `None` means each
+            sentence's source length (non-padding tokens) plus `extra_length`. Capped at
+            `config.max_length - 1`.
+        extra_length: see `max_output_length`.
+        min_output_length: eos cannot be produced before this many tokens.
+        num_returned: hypotheses returned per sentence (n-best), at most `beam_size`.
+        ignore_eos: never produce eos, so hypotheses end at the length limit exactly.
+
+    Returns:
+        A dict, hypotheses sorted by score, best first: `"target_ids"` int32
+        `[batch, num_returned, max_steps]` (the tokens after bos, eos included when produced,
+        `config.pad_id` after it), `"scores"` float32 `[batch, num_returned]` (length-penalized),
+        `"log_probs"` float32 `[batch, num_returned]` (sums of token log-probabilities) and
+        `"lengths"` int32 `[batch, num_returned]` (eos included). A hypothesis slot that was
+        never filled has a score below `NEG_INF / 2`.
+    """
+    config = model.config
+    beams = int(beam_size)
+    num_returned = int(num_returned)
+    vocab = config.resolved_target_vocab_size
+    if beams < 1:
+        raise ValueError(f"beam_size must be at least 1, got {beam_size}")
+    if not 1 <= num_returned <= beams:
+        raise ValueError(f"num_returned must be in [1, beam_size={beams}], got {num_returned}")
+    if 2 * beams + 1 > vocab:
+        raise ValueError(f"beam_size ({beams}) must be below half the vocabulary ({vocab})")
+    alpha = float(length_penalty_alpha)
+    min_output_length = int(min_output_length)
+    candidates = 2 * beams
+
+    source_ids = check_source_ids(source_ids)
+    batch = ops.shape(source_ids)[0]
+    memory, source_mask = model.encode(source_ids)
+    bound, limits = output_limits(model, source_ids, source_mask, max_output_length, extra_length)
+    state = model.init_decoder_state(memory, source_mask, bound, beams=beams)
+    forbid_eos = ignore_eos or min_output_length > 0
+    # Tokens ranked per beam: one more when eos may be masked out of them.
+    row_k = candidates + int(forbid_eos)
+    limit_penalty = length_penalty(limits, alpha)
+    # Row offsets of each sentence's first beam/candidate/finished slot in flattened tensors.
+    sentence = ops.arange(batch, dtype="int32")[:, None]
+    top_ranked = ops.arange(candidates, dtype="int32")[None, :] < beams
+
+    def gather(values, flat_rows, width):
+        """`values [batch, slots, ...]` at `flat_rows [batch * width]` -> `[batch, width, ...]`."""
+        shape = ops.shape(values)
+        rows = ops.take(ops.reshape(values, (-1, *shape[2:])), flat_rows, axis=0)
+        return ops.reshape(rows, (-1, width, *shape[2:]))
+
+    def cond(index, tokens, alive_ids, alive_log_probs, finished, done, caches):
+        return ops.logical_and(ops.less(index, bound), ops.logical_not(ops.all(done)))
+
+    def body(index, tokens, alive_ids, alive_log_probs, finished, done, caches):
+        logits, new_state = model.decode_step(tokens, index, dict(state, **caches), beams=beams)
+        # Top-k in two stages, both exact: a sentence's best `candidates` extensions are among
+        # its beams' best `row_k` tokens each. Ranking raw logits per row (the log-softmax
+        # shift is per row) avoids writing `[batch * beams, vocab]` log-probs and sums.
+        row_logits, row_tokens = ops.top_k(logits, row_k)
+        row_tokens = ops.cast(row_tokens, "int32")
+        if forbid_eos:
+            forbidden = ops.equal(row_tokens, config.eos_id)
+            if not ignore_eos:
+                forbidden = ops.logical_and(forbidden, index < min_output_length)
+            row_logits = ops.where(forbidden, NEG_INF, row_logits)
+        shift = ops.reshape(alive_log_probs, (-1,)) - ops.logsumexp(logits, axis=-1)
+        row_log_probs = ops.reshape(row_logits + shift[:, None], (-1, beams * row_k))
+        top_log_probs, top_indices = ops.top_k(row_log_probs, candidates)
+        top_indices = ops.cast(top_indices, "int32")
+        parents = ops.floor_divide(top_indices, row_k)
+        top_tokens = ops.reshape(
+            ops.take(
+                ops.reshape(row_tokens, (-1,)),
+                ops.reshape(sentence * (beams * row_k) + top_indices, (-1,)),
+                axis=0,
+            ),
+            (-1, candidates),
+        )
+        length = index + 1
+        ends = ops.logical_or(ops.equal(top_tokens, config.eos_id), (length >= limits)[:, None])
+        # Candidate sequences [batch, 2 * beams, max_steps]: the parent's with this token.
+        candidate_ids = gather(
+            alive_ids, ops.reshape(sentence * beams + parents, (-1,)), candidates
+        )
+        candidate_ids = ops.where(
+            position_mask(index, bound)[None, None, :], top_tokens[:, :, None], candidate_ids
+        )
+
+        # Alive: the best `beams` candidates that do not end.
+        alive_log_probs, picked = ops.top_k(ops.where(ends, NEG_INF, top_log_probs), beams)
+        picked_rows = ops.reshape(sentence * candidates + ops.cast(picked, "int32"), (-1,))
+        alive_ids = gather(candidate_ids, picked_rows, beams)
+        tokens = ops.take(ops.reshape(top_tokens, (-1,)), picked_rows, axis=0)
+        parent_rows = ops.take(ops.reshape(parents, (-1,)), picked_rows, axis=0)
+        cache_rows = ops.reshape(sentence * beams + ops.reshape(parent_rows, (-1, beams)), (-1,))
+        caches = {
+            name: [ops.take(cache, cache_rows, axis=0) for cache in new_state[name]]
+            for name in ("key_caches", "value_caches")
+        }
+
+        # Finished: ending candidates ranked within the first `beams`, merged with those kept.
+        valid = top_log_probs > NEG_INF / 2
+        new_scores = ops.where(
+            ops.logical_and(ops.logical_and(ends, top_ranked), valid),
+            top_log_probs / length_penalty(length, alpha),
+            NEG_INF,
+        )
+        merged_scores = ops.concatenate([finished["scores"], new_scores], axis=1)
+        scores, kept = ops.top_k(merged_scores, beams)
+        kept_rows = ops.reshape(sentence * (beams + candidates) + ops.cast(kept, "int32"), (-1,))
+        finished = {
+            "scores": scores,
+            "ids": gather(
+                ops.concatenate([finished["ids"], candidate_ids], axis=1), kept_rows, beams
+            ),
+            "log_probs": gather(
+                ops.concatenate([finished["log_probs"], top_log_probs], axis=1),
+                kept_rows,
+                beams,
+            ),
+            "lengths": gather(
+                ops.concatenate([finished["lengths"], ops.zeros_like(top_tokens) + length], axis=1),
+                kept_rows,
+                beams,
+            ),
+        }
+
+        # Done: the n-th finished beats anything alive could still reach, or nothing is alive.
+        best_alive = alive_log_probs[:, 0]
+        best_reachable = best_alive / ops.maximum(length_penalty(length + 1, alpha), limit_penalty)
+        done = ops.logical_or(
+            done,
+            ops.logical_or(best_alive < NEG_INF / 2, scores[:, num_returned - 1] >= best_reachable),
+        )
+        alive_log_probs = ops.where(done[:, None], NEG_INF, alive_log_probs)
+        return index + 1, tokens, alive_ids, alive_log_probs, finished, done, caches
+
+    first_beam = ops.arange(beams) == 0
+    loop_vars = (
+        ops.convert_to_tensor(0, dtype="int32"),
+        ops.full((batch * beams,), config.bos_id, dtype="int32"),
+        ops.full((batch, beams, bound), config.pad_id, dtype="int32"),
+        # Only the first beam is alive at the start: the others would repeat it.
+        ops.zeros((batch, beams), dtype="float32") + ops.where(first_beam, 0.0, NEG_INF)[None],
+        {
+            "scores": ops.full((batch, beams), NEG_INF, dtype="float32"),
+            "ids": ops.full((batch, beams, bound), config.pad_id, dtype="int32"),
+            "log_probs": ops.full((batch, beams), NEG_INF, dtype="float32"),
+            "lengths": ops.zeros((batch, beams), dtype="int32"),
+        },
+        ops.zeros((batch,), dtype="bool"),
+        {"key_caches": state["key_caches"], "value_caches": state["value_caches"]},
+    )
+    outputs = ops.while_loop(cond, body, loop_vars)
+    finished = outputs[4]
+    return {
+        "target_ids": finished["ids"][:, :num_returned],
+        "scores": finished["scores"][:, :num_returned],
+        "log_probs": finished["log_probs"][:, :num_returned],
+        "lengths": finished["lengths"][:, :num_returned],
+    }
