@@ -1,0 +1,185 @@
+"""Decoding throughput of greedy and beam search inside `tf.function`, against an uncached loop.
+
+Measures sentences/s and output tokens/s of the graphs a SavedModel would run: each decoder is a
+`tf.function` with a `[None, None]` int32 signature (dynamic batch and source length), traced
+once and warmed up before timing. The outputs have a fixed length (`ignore_eos=True`), so every
+engine and every decoder produces the same number of tokens. Random weights are fine for
+throughput.
+
+    TF_CPP_MIN_LOG_LEVEL=2 .venv/bin/python benchmarks/decoding_throughput.py
+
+writes `benchmarks/results/decoding_throughput.json` and prints a markdown table. The exported
+SavedModel's signatures are measured by passing `--saved-model DIR` once
+`exported_decoders` is implemented (the hook below).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from keras_transformer import TransformerConfig, build_transformer  # noqa: E402
+from keras_transformer.decoding import (  # noqa: E402
+    beam_search,
+    greedy_search,
+    uncached_greedy_search,
+)
+
+RESULTS = Path(__file__).resolve().parent / "results" / "decoding_throughput.json"
+SIGNATURE = [tf.TensorSpec([None, None], tf.int32, name="source_ids")]
+
+
+def keras_decoders(model, output_length, beam_size=4):
+    """The in-process decoders, name -> `tf.function(source_ids) -> target_ids`."""
+    fixed = dict(max_output_length=output_length, ignore_eos=True)
+
+    def wrap(decode):
+        return tf.function(lambda source_ids: decode(source_ids)["target_ids"], SIGNATURE)
+
+    return {
+        "greedy": wrap(lambda s: greedy_search(model, s, **fixed)),
+        f"beam{beam_size}": wrap(
+            lambda s: beam_search(model, s, beam_size=beam_size, length_penalty_alpha=0.6, **fixed)
+        ),
+        "greedy_uncached": wrap(lambda s: uncached_greedy_search(model, s, **fixed)),
+    }
+
+
+def exported_decoders(export_dir, output_length):
+    """Hook for the exported model: name -> callable(source_ids) -> target_ids.
+
+    To be filled in by the export work: load `export_dir` with `tf.saved_model.load`, pick the
+    greedy and beam signatures, and return callables that take int32 `[batch, length]` ids (or
+    whatever the signature takes) and return the target ids, with a forced `output_length`
+    so that the token counts match the in-process rows. Each is timed by `measure` exactly as
+    the Keras decoders are, and the rows land in the same table and JSON.
+    """
+    raise NotImplementedError(
+        "SavedModel measurement is not implemented yet: fill in exported_decoders() "
+        f"(export_dir={export_dir!r})"
+    )
+
+
+def source_batch(config, batch_size, source_length, seed=0):
+    """Random ids in `[4, vocab)` with eos last: no padding, every sentence `source_length` long."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(4, config.vocab_size, size=(batch_size, source_length), dtype=np.int32)
+    ids[:, -1] = config.eos_id
+    return tf.constant(ids)
+
+
+def measure(decode, source_ids, output_length, repeats, min_seconds):
+    """Warms `decode` up, then times it; returns the median of at least `repeats` runs."""
+    result = decode(source_ids)
+    shape = tuple(result.shape)
+    if shape[-1] != output_length:
+        raise RuntimeError(f"expected {output_length} output tokens, got shape {shape}")
+    times = []
+    started = time.perf_counter()
+    while len(times) < repeats or time.perf_counter() - started < min_seconds:
+        begin = time.perf_counter()
+        np.asarray(decode(source_ids))
+        times.append(time.perf_counter() - begin)
+    seconds = statistics.median(times)
+    batch = int(source_ids.shape[0])
+    return {
+        "seconds_per_batch": seconds,
+        "runs": len(times),
+        "sentences_per_second": batch / seconds,
+        "tokens_per_second": batch * output_length / seconds,
+    }
+
+
+def markdown_table(rows):
+    lines = [
+        "| decoder | batch | sentences/s | tokens/s | ms/batch |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['decoder']} | {row['batch_size']} | {row['sentences_per_second']:.1f} "
+            f"| {row['tokens_per_second']:.0f} | {1000 * row['seconds_per_batch']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--source-length", type=int, default=24)
+    parser.add_argument("--output-length", type=int, default=32)
+    parser.add_argument("--beam-size", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--min-seconds", type=float, default=2.0)
+    parser.add_argument("--decoders", nargs="*", help="subset of decoder names to run")
+    parser.add_argument("--saved-model", help="also measure this export (see exported_decoders)")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+
+    keras.utils.set_random_seed(0)
+    config = TransformerConfig.preset(args.preset)
+    model = build_transformer(config)
+    decoders = keras_decoders(model, args.output_length, args.beam_size)
+    if args.saved_model:
+        exported = exported_decoders(args.saved_model, args.output_length)
+        decoders.update({f"savedmodel_{name}": fn for name, fn in exported.items()})
+    if args.decoders:
+        decoders = {name: fn for name, fn in decoders.items() if name in args.decoders}
+
+    rows = []
+    for name, decode in decoders.items():
+        for batch_size in args.batch_sizes:
+            sources = source_batch(config, batch_size, args.source_length)
+            row = {"decoder": name, "batch_size": batch_size}
+            row.update(measure(decode, sources, args.output_length, args.repeats, args.min_seconds))
+            print(
+                f"{name} batch {batch_size}: {row['tokens_per_second']:.0f} tokens/s",
+                flush=True,
+            )
+            rows.append(row)
+
+    report = {
+        "benchmark": "decoding_throughput",
+        "preset": args.preset,
+        "config": config.to_dict(),
+        "weights": "random (seed 0)",
+        "source_length": args.source_length,
+        "output_length": args.output_length,
+        "beam_size": args.beam_size,
+        "length_penalty_alpha": 0.6,
+        "graph": "tf.function, input_signature [None, None] int32, no XLA",
+        "timing": f"median of >= {args.repeats} runs and >= {args.min_seconds} s after warmup",
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpu_count": os.cpu_count(),
+            "tensorflow": tf.__version__,
+            "keras": keras.__version__,
+        },
+        "results": rows,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    print()
+    print(markdown_table(rows))
+    print(f"\nwrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()

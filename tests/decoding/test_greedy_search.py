@@ -1,0 +1,163 @@
+"""Greedy search: cached equals uncached, length limits, batching invariance, tf.function, JAX."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_transformer import TransformerConfig, build_transformer
+from keras_transformer.decoding import beam_search, greedy_search, uncached_greedy_search
+from tests.decoding.copy_model import copy_sources, trained_copy_model
+
+# The uncached reference's first step attends over a one-token prefix, which Keras flags.
+pytestmark = pytest.mark.filterwarnings("ignore:You are using a softmax over axis -1")
+
+
+def numpy(result):
+    return {name: keras.ops.convert_to_numpy(value) for name, value in result.items()}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return trained_copy_model()
+
+
+@pytest.fixture(scope="module")
+def sources(model):
+    return copy_sources(model.config, 6)
+
+
+def test_cached_greedy_equals_greedy_by_full_passes(model, sources):
+    cached = numpy(greedy_search(model, sources, extra_length=4))
+    uncached = numpy(uncached_greedy_search(model, sources, extra_length=4))
+    np.testing.assert_array_equal(cached["target_ids"], uncached["target_ids"])
+    np.testing.assert_array_equal(cached["lengths"], uncached["lengths"])
+    np.testing.assert_allclose(cached["scores"], uncached["scores"], atol=1e-4)
+    # The copy model ends sentences with eos at different lengths, and pads after it.
+    eos = model.config.eos_id
+    ids, lengths = cached["target_ids"], cached["lengths"]
+    assert len(set(lengths.tolist())) > 1
+    for row, length in zip(ids, lengths, strict=True):
+        assert row[length - 1] == eos and eos not in row[: length - 1]
+        assert not row[length:].any()
+
+
+def test_pre_norm_random_model_cached_equals_uncached():
+    keras.utils.set_random_seed(4)
+    model = build_transformer(TransformerConfig.preset("tiny", norm_placement="pre"))
+    sources = np.array([[9, 8, 7, 3, 0], [5, 6, 7, 8, 3]], "int32")
+    cached = numpy(greedy_search(model, sources, max_output_length=7))
+    uncached = numpy(uncached_greedy_search(model, sources, max_output_length=7))
+    np.testing.assert_array_equal(cached["target_ids"], uncached["target_ids"])
+    np.testing.assert_allclose(cached["scores"], uncached["scores"], atol=1e-4)
+
+
+def test_ignore_eos_forces_the_length(model, sources):
+    result = numpy(greedy_search(model, sources, max_output_length=9, ignore_eos=True))
+    assert result["target_ids"].shape == (len(sources), 9)
+    np.testing.assert_array_equal(result["lengths"], 9)
+    assert (result["target_ids"] != model.config.eos_id).all()
+
+
+def test_default_limit_is_each_source_length_plus_extra(model, sources):
+    source_lengths = (sources != model.config.pad_id).sum(axis=1)
+    result = numpy(greedy_search(model, sources, extra_length=3, ignore_eos=True))
+    np.testing.assert_array_equal(result["lengths"], source_lengths + 3)
+    assert result["target_ids"].shape[1] == sources.shape[1] + 3
+    # Capped so that bos plus the output fit the positional table.
+    capped = numpy(greedy_search(model, sources[:1], extra_length=500, ignore_eos=True))
+    np.testing.assert_array_equal(capped["lengths"], model.config.max_length - 1)
+
+
+def test_min_output_length_delays_eos(model, sources):
+    free = numpy(greedy_search(model, sources, extra_length=4))
+    delayed = numpy(greedy_search(model, sources, extra_length=4, min_output_length=8))
+    assert free["lengths"].min() < 8
+    assert (delayed["lengths"] >= np.minimum(8, (sources != 0).sum(1) + 4)).all()
+
+
+@pytest.mark.parametrize("decode", ["greedy", "beam"])
+def test_outputs_do_not_depend_on_batching_or_padding(model, sources, decode):
+    def run(source_ids):
+        if decode == "greedy":
+            result = numpy(greedy_search(model, source_ids, extra_length=4))
+        else:
+            result = numpy(beam_search(model, source_ids, extra_length=4, num_returned=2))
+        return result
+
+    padded = np.pad(sources, ((0, 0), (0, 3)))
+    batched = run(padded)
+    for row, source in enumerate(sources):
+        alone = run(source[source != 0][None])
+        length = alone["lengths"][0]
+        np.testing.assert_array_equal(batched["lengths"][row], length)
+        np.testing.assert_array_equal(
+            batched["target_ids"][row][..., : np.max(length)],
+            alone["target_ids"][0][..., : np.max(length)],
+        )
+        np.testing.assert_allclose(batched["scores"][row], alone["scores"][0], atol=1e-4)
+
+
+def test_runs_in_tf_function_with_dynamic_batch_and_length(model, sources):
+    signature = [tf.TensorSpec([None, None], tf.int32)]
+    greedy = tf.function(lambda s: greedy_search(model, s, extra_length=4), signature)
+    beam = tf.function(lambda s: beam_search(model, s, extra_length=4, num_returned=2), signature)
+    for source_ids in (sources, sources[:2, :6]):
+        for graph, eager in ((greedy, greedy_search), (beam, beam_search)):
+            kwargs = {"extra_length": 4} | ({"num_returned": 2} if eager is beam_search else {})
+            expected = numpy(eager(model, source_ids, **kwargs))
+            got = numpy(graph(tf.constant(source_ids)))
+            np.testing.assert_array_equal(got["target_ids"], expected["target_ids"])
+            np.testing.assert_allclose(got["scores"], expected["scores"], atol=1e-4)
+    # One trace serves every batch size and length: what a SavedModel signature needs.
+    assert greedy.experimental_get_tracing_count() == 1
+    assert beam.experimental_get_tracing_count() == 1
+
+
+JAX_SCRIPT = r"""
+import json, numpy as np, jax, keras
+from keras_transformer import TransformerConfig, build_transformer
+from keras_transformer.decoding import beam_search, greedy_search, uncached_greedy_search
+keras.utils.set_random_seed(2)
+model = build_transformer(TransformerConfig.preset("tiny"))
+sources = np.array([[9, 8, 7, 3, 0], [5, 6, 7, 8, 3]], "int32")
+greedy = jax.jit(lambda s: greedy_search(model, s, max_output_length=6))(sources)
+uncached = uncached_greedy_search(model, sources, max_output_length=6)
+beam1 = jax.jit(lambda s: beam_search(model, s, beam_size=1, length_penalty_alpha=0.0,
+                                       max_output_length=6))(sources)
+beam4 = jax.jit(lambda s: beam_search(model, s, max_output_length=6, num_returned=4))(sources)
+print(json.dumps({
+    "backend": keras.config.backend(),
+    "greedy": np.asarray(greedy["target_ids"]).tolist(),
+    "uncached": np.asarray(uncached["target_ids"]).tolist(),
+    "beam1": np.asarray(beam1["target_ids"])[:, 0].tolist(),
+    "beam4_scores": np.asarray(beam4["scores"]).tolist(),
+}))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="JAX is not installed")
+def test_greedy_and_beam_search_jit_on_jax():
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=str(root), JAX_PLATFORMS="cpu")
+    result = subprocess.run(
+        [sys.executable, "-c", JAX_SCRIPT],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["backend"] == "jax"
+    assert report["greedy"] == report["uncached"] == report["beam1"]
+    scores = np.array(report["beam4_scores"])
+    assert (np.diff(scores, axis=1) <= 0).all()
