@@ -1,0 +1,93 @@
+"""Beam search: beam 1 is greedy, scores match a full pass, n-best order, bounds and limits."""
+
+import keras
+import numpy as np
+import pytest
+
+from keras_transformer.decoding import beam_search, greedy_search
+from tests.decoding.copy_model import copy_sources, trained_copy_model
+
+
+def numpy(result):
+    return {name: keras.ops.convert_to_numpy(value) for name, value in result.items()}
+
+
+def penalty(lengths, alpha):
+    return ((5.0 + np.asarray(lengths, "float64")) / 6.0) ** alpha
+
+
+@pytest.fixture(scope="module")
+def model():
+    return trained_copy_model()
+
+
+@pytest.fixture(scope="module")
+def sources(model):
+    return copy_sources(model.config, 6)
+
+
+@pytest.fixture(scope="module")
+def nbest(model, sources):
+    return numpy(beam_search(model, sources, beam_size=4, extra_length=4, num_returned=4))
+
+
+def test_beam_one_without_length_penalty_is_greedy(model, sources):
+    greedy = numpy(greedy_search(model, sources, extra_length=4))
+    beam = numpy(beam_search(model, sources, beam_size=1, length_penalty_alpha=0.0, extra_length=4))
+    np.testing.assert_array_equal(beam["target_ids"][:, 0], greedy["target_ids"])
+    np.testing.assert_array_equal(beam["lengths"][:, 0], greedy["lengths"])
+    np.testing.assert_allclose(beam["log_probs"][:, 0], greedy["scores"], atol=1e-4)
+
+
+def test_best_beam_scores_at_least_greedy(model, sources, nbest):
+    greedy = numpy(greedy_search(model, sources, extra_length=4))
+    greedy_scores = greedy["scores"] / penalty(greedy["lengths"], 0.6)
+    assert (nbest["scores"][:, 0] >= greedy_scores - 1e-5).all()
+    # The copy model is only half trained: the beam finds better hypotheses for some sentences.
+    assert (nbest["scores"][:, 0] > greedy_scores + 1e-3).any()
+
+
+def test_nbest_is_sorted_distinct_and_scored_by_the_gnmt_penalty(nbest):
+    scores, log_probs, lengths = nbest["scores"], nbest["log_probs"], nbest["lengths"]
+    assert (np.diff(scores, axis=1) <= 0).all()
+    np.testing.assert_allclose(scores, log_probs / penalty(lengths, 0.6), rtol=1e-5)
+    for hypotheses in nbest["target_ids"]:
+        assert len({tuple(row) for row in hypotheses}) == len(hypotheses)
+
+
+def test_hypothesis_log_probs_equal_a_full_teacher_forced_pass(model, sources, nbest):
+    """Catches any cache row that was not reordered with its beam."""
+    config = model.config
+    batch, count, width = nbest["target_ids"].shape
+    targets = nbest["target_ids"].reshape(batch * count, width)
+    lengths = nbest["lengths"].reshape(-1)
+    decoder_inputs = np.concatenate(
+        [np.full((batch * count, 1), config.bos_id, "int32"), targets[:, :-1]], axis=1
+    )
+    logits = keras.ops.convert_to_numpy(
+        model({"source_ids": np.repeat(sources, count, axis=0), "target_ids": decoder_inputs})
+    )
+    log_probs = keras.ops.convert_to_numpy(keras.ops.log_softmax(logits, axis=-1))
+    token_log_probs = np.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    mask = np.arange(width)[None, :] < lengths[:, None]
+    expected = (token_log_probs * mask).sum(axis=1)
+    np.testing.assert_allclose(nbest["log_probs"].reshape(-1), expected, atol=1e-3)
+    for row, length in zip(targets, lengths, strict=True):
+        assert not row[length:].any()
+        assert config.eos_id not in row[: length - 1]
+
+
+def test_ignore_eos_forces_the_length(model, sources):
+    result = numpy(
+        beam_search(model, sources, max_output_length=7, ignore_eos=True, num_returned=2)
+    )
+    assert result["target_ids"].shape == (len(sources), 2, 7)
+    np.testing.assert_array_equal(result["lengths"], 7)
+    assert (result["target_ids"] != model.config.eos_id).all()
+
+
+def test_rejects_bad_arguments(model, sources):
+    with pytest.raises(ValueError, match=r"num_returned must be in \[1, beam_size=2\], got 3"):
+        beam_search(model, sources, beam_size=2, num_returned=3)
+    with pytest.raises(ValueError, match="source_ids must be"):
+        beam_search(model, sources[0])
