@@ -1,6 +1,7 @@
 """keras-transformer: the Transformer of "Attention Is All You Need" as Keras 3 layers and model."""
 
 from keras_transformer.config import TransformerConfig
+from keras_transformer.decoding import beam_search, greedy_search, uncached_greedy_search
 from keras_transformer.layers import (
     MultiHeadAttention,
     PositionwiseFeedForward,
@@ -25,6 +26,9 @@ __all__ = [
     "TransformerDecoderLayer",
     "TransformerEncoderLayer",
     "TransformerSchedule",
+    "beam_search",
     "build_transformer",
+    "greedy_search",
     "transformer_optimizer",
+    "uncached_greedy_search",
 ]
