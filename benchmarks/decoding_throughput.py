@@ -142,6 +142,7 @@ def main(argv=None):
     if args.decoders:
         decoders = {name: fn for name, fn in decoders.items() if name in args.decoders}
 
+    load_before = os.getloadavg()
     rows = []
     for name, decode in decoders.items():
         for batch_size in args.batch_sizes:
@@ -171,6 +172,8 @@ def main(argv=None):
             "cpu_count": os.cpu_count(),
             "tensorflow": tf.__version__,
             "keras": keras.__version__,
+            # Other processes on the machine skew timings; the load average says how much.
+            "load_average_1min": {"before": load_before[0], "after": os.getloadavg()[0]},
         },
         "results": rows,
     }
