@@ -141,9 +141,8 @@ class MultiHeadAttention(keras.layers.Layer):
             `(output [batch, 1, model_dim], key_cache, value_cache)` with this step written.
         """
         key, value = self.compute_key_value(query)
-        start = (0, cache_index, 0, 0)
-        key_cache = ops.slice_update(key_cache, start, ops.cast(key, key_cache.dtype))
-        value_cache = ops.slice_update(value_cache, start, ops.cast(value, value_cache.dtype))
+        key_cache = write_cache(key_cache, ops.cast(key, key_cache.dtype), cache_index)
+        value_cache = write_cache(value_cache, ops.cast(value, value_cache.dtype), cache_index)
         positions = ops.arange(ops.shape(key_cache)[1])
         mask = ops.less_equal(positions, cache_index)[None, None, None, :]
         if attention_mask is not None:
@@ -164,6 +163,21 @@ class MultiHeadAttention(keras.layers.Layer):
             kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
         )
         return config
+
+
+def write_cache(cache, update, index):
+    """Writes `update` `[batch, 1, heads, head_dim]` at position `index` of `cache` in place.
+
+    `ops.slice_update` is the natural op (JAX: `dynamic_update_slice`), but on TensorFlow it
+    lowers to `XlaDynamicUpdateSlice`, an XLA op that a stock `tensorflow_model_server` runs only
+    with XLA enabled. There a scatter of one row per sentence (core `TensorScatterUpdate`) does
+    the same write.
+    """
+    if keras.config.backend() == "tensorflow":
+        rows = ops.arange(ops.shape(cache)[0], dtype="int32")
+        positions = ops.stack([rows, ops.zeros_like(rows) + ops.cast(index, "int32")], axis=1)
+        return ops.scatter_update(cache, positions, update[:, 0])
+    return ops.slice_update(cache, (0, index, 0, 0), update)
 
 
 def causal_mask(query_length, key_length):
