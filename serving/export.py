@@ -24,6 +24,7 @@ from pathlib import Path
 import tensorflow as tf
 
 from keras_transformer.decoding import beam_search, greedy_search
+from serving.graph_ops import disallowed_ops
 from training import model_dir as layout
 from training.tokenizer import SubwordTokenizer
 
@@ -217,6 +218,12 @@ def export(
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
     try:
         tf.saved_model.save(module, str(staging), signatures=module.signatures())
+        unknown = disallowed_ops(staging)
+        if unknown:
+            raise ValueError(
+                f"The exported graph uses ops a stock model server may lack: {unknown}; "
+                "see serving/graph_ops.py"
+            )
         write_warmup_requests(staging, model_name or output.parent.name)
         extra = staging / "assets.extra"
         shutil.copy(model_dir / layout.TRANSFORMER_CONFIG, extra / layout.TRANSFORMER_CONFIG)
