@@ -1,0 +1,171 @@
+"""Export a briefly trained tiny model, reload it without keras_transformer, serve it over gRPC."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from serving.client import TranslationClient
+from serving.export import TranslationModule, export
+from serving.graph_ops import ALLOWED_OPS, saved_model_ops
+from serving.model_config import make_model_server_config
+
+ROOT = Path(__file__).resolve().parents[2]
+SIGNATURES = ("serving_default", "beam", "greedy", "greedy_ids", "beam_ids")
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, shared_data_dir):
+    from training.run_config import load_run_config
+    from training.train import train
+
+    model_dir = tmp_path_factory.mktemp("run") / "tiny"
+    config = load_run_config(
+        [ROOT / "training" / "configs" / "tiny.yaml"],
+        [f"train.model_dir={model_dir}", "train.max_steps=30", "train.eval_sentences=0"],
+    )
+    train(config)
+    sentences = (shared_data_dir / "multi30k" / "test_2016_flickr.en").read_text().splitlines()
+    return model_dir, sentences[:6]
+
+
+@pytest.fixture(scope="module")
+def exported(trained_run, tmp_path_factory):
+    base = tmp_path_factory.mktemp("exports") / "transformer"
+    version = export(trained_run[0], base / "1")
+    return base, version
+
+
+@pytest.fixture(scope="module")
+def in_process(trained_run):
+    """Translations of the in-memory model through the training code's Translator."""
+    from training import model_dir as layout
+    from training.tokenizer import SubwordTokenizer
+    from training.translate import Translator
+
+    model_dir, sentences = trained_run
+    model, _ = layout.load_transformer(model_dir)
+    tokenizer = SubwordTokenizer(model_dir / layout.VOCAB)
+    return {
+        "greedy": Translator(model, tokenizer, beam_size=1).translate(sentences),
+        "beam": Translator(model, tokenizer, beam_size=4).translate(sentences),
+    }
+
+
+def test_saved_model_cli_lists_the_signatures(exported):
+    cli = Path(sys.executable).with_name("saved_model_cli")
+    result = subprocess.run(
+        [str(cli), "show", "--all", "--dir", str(exported[1])],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    for name in SIGNATURES:
+        assert f"signature_def['{name}']" in result.stdout
+    assert "inputs['text'] tensor_info:" in result.stdout
+    assert "outputs['nbest_translations'] tensor_info:" in result.stdout
+
+
+def test_every_op_is_core_tensorflow_or_sentencepiece(exported):
+    ops = saved_model_ops(exported[1])
+    assert {"SentencepieceTokenizeOp", "SentencepieceDetokenizeOp", "While"} <= ops
+    assert not ops - ALLOWED_OPS, sorted(ops - ALLOWED_OPS)
+    assert not {"PyFunc", "EagerPyFunc", "XlaDynamicUpdateSlice"} & ops
+
+
+def test_export_layout_and_refusals(exported, trained_run):
+    base, version = exported
+    assert (version / "assets" / "spm.model").is_file()
+    warmup = version / "assets.extra" / "tf_serving_warmup_requests"
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    logs = [
+        prediction_log_pb2.PredictionLog.FromString(record.numpy())
+        for record in tf.data.TFRecordDataset(str(warmup))
+    ]
+    assert [log.predict_log.request.model_spec.signature_name for log in logs] == [
+        "serving_default",
+        "greedy",
+    ]
+    assert json.loads((version / "assets.extra" / "transformer_config.json").read_text())
+    with pytest.raises(FileExistsError, match="versions are immutable"):
+        export(trained_run[0], version)
+    with pytest.raises(ValueError, match="numeric version folder"):
+        export(trained_run[0], base / "latest")
+    assert [p.name for p in base.iterdir()] == ["1"]  # no staging folder left behind
+
+
+RELOAD = r"""
+import json, sys
+import tensorflow as tf
+import tensorflow_text  # registers the SentencePiece ops
+loaded = tf.saved_model.load(sys.argv[1])
+assert not [m for m in sys.modules if m.startswith(("keras_transformer", "training", "serving"))]
+texts = tf.constant(json.loads(sys.argv[2]))
+result = {name: [t.decode() for t in loaded.signatures[name](text=texts)["translations"].numpy()]
+          for name in ("serving_default", "greedy")}
+print(json.dumps(result))
+"""
+
+
+def test_fresh_process_reload_matches_the_in_process_model(exported, trained_run, in_process):
+    sentences = trained_run[1]
+    result = subprocess.run(
+        [sys.executable, "-c", RELOAD, str(exported[1]), json.dumps(sentences)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    translations = json.loads(result.stdout.strip().splitlines()[-1])
+    assert translations["greedy"] == in_process["greedy"]
+    assert translations["serving_default"] == in_process["beam"]
+
+
+def test_awkward_inputs_give_defined_results(exported):
+    loaded = tf.saved_model.load(str(exported[1]))
+    texts = tf.constant(["", "   \t ", b"caf\xc3 \xff\xfe", "word " * 500, "A dog runs."])
+    for name in ("serving_default", "beam", "greedy"):
+        out = loaded.signatures[name](text=texts)
+        translations = out["translations"].numpy()
+        assert translations[0] == b"" and translations[1] == b""
+        assert out["truncated"].numpy().tolist() == [False, False, False, True, False]
+    beam = loaded.signatures["beam"](text=texts)
+    scores = beam["nbest_scores"].numpy()
+    assert beam["nbest_translations"].shape == (5, 4)
+    assert np.all(np.diff(scores, axis=1) <= 1e-6)  # n-best sorted, best first
+    for name in ("serving_default", "beam", "greedy"):
+        empty = loaded.signatures[name](text=tf.constant([], tf.string))
+        assert empty["translations"].shape == (0,)
+    ids = loaded.signatures["greedy_ids"](source_ids=tf.zeros([0, 4], tf.int32))
+    assert ids["target_ids"].shape[0] == 0
+
+
+def test_translation_module_refuses_nothing_in_process(trained_run):
+    """The tf.function signatures also run eagerly from Python, without saving."""
+    from training import model_dir as layout
+    from training.tokenizer import SubwordTokenizer
+
+    model, _ = layout.load_transformer(trained_run[0])
+    module = TranslationModule(model, SubwordTokenizer(trained_run[0] / layout.VOCAB))
+    out = module.greedy(tf.constant(trained_run[1][:2]))
+    assert out["translations"].shape == (2,)
+
+
+def test_served_translations_equal_the_in_process_model(
+    exported, trained_run, in_process, serve_models
+):
+    base, _ = exported
+    server = serve_models(make_model_server_config({"transformer": base}))
+    sentences = trained_run[1]
+    with TranslationClient(server.address, model="transformer", max_batch_size=4) as client:
+        assert client.translate(sentences) == in_process["beam"]
+        assert client.translate(sentences, signature="greedy") == in_process["greedy"]

@@ -1,0 +1,151 @@
+"""The training commands end to end on a tiny run: config layering, kill + resume, averaging."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from training import model_dir as layout
+from training.run_config import ConfigError, load_run_config
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "training" / "configs" / "tiny.yaml"
+
+
+def test_later_files_and_set_override_earlier_ones(tmp_path):
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("train:\n  max_steps: 7\nmodel:\n  d_model: 16\n")
+    config = load_run_config([TINY, extra], ["train.max_steps=9", "data.batch_tokens=1e3"])
+    assert config["train"]["max_steps"] == 9
+    assert config["data"]["batch_tokens"] == 1000.0
+    assert config["model"] == {"preset": "tiny", "max_length": 64, "d_model": 16}
+    assert config["train"]["warmup_steps"] == 20  # from tiny.yaml, untouched
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.max_stepz=3"], "Unknown config key 'train.max_stepz'"),
+        (["max_steps=3"], "--set expects section.key=value"),
+        (["model.d_model=30"], "divisible by num_heads"),
+    ],
+)
+def test_bad_configs_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_run_config([TINY], overrides)
+
+
+def _train_command(model_dir, *overrides):
+    return [
+        sys.executable,
+        "-m",
+        "training.train",
+        "--config",
+        str(TINY),
+        "--set",
+        f"train.model_dir={model_dir}",
+        "--set",
+        "train.max_steps=60",
+        "--set",
+        "train.steps_per_epoch=15",
+        *[arg for item in overrides for arg in ("--set", item)],
+    ]
+
+
+@pytest.fixture(scope="module")
+def resumed_run(tmp_path_factory):
+    """Starts a tiny run, SIGKILLs it after its step-20 save, and runs the command again."""
+    model_dir = tmp_path_factory.mktemp("run") / "tiny"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT))
+    command = _train_command(model_dir, "train.eval_every_steps=30")
+    first = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    target = layout.step_checkpoint(model_dir, 20)
+    deadline = time.monotonic() + 300
+    while not target.exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    first.send_signal(signal.SIGKILL)
+    first_output = first.communicate()[0].decode()
+    assert target.exists(), first_output[-3000:]
+    second = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    return model_dir, first_output, second.stdout
+
+
+def test_killed_run_resumes_from_its_last_save(resumed_run):
+    model_dir, first_output, second_output = resumed_run
+    summary = json.loads(second_output.strip().splitlines()[-1])
+    assert summary["steps"] == 60
+    steps_logged = [
+        int(line.split()[1].split("/")[0])
+        for line in second_output.splitlines()
+        if line.startswith("step ")
+    ]
+    # It continued: no step at or before the step-20 save was trained (or logged) again.
+    assert steps_logged and min(steps_logged) > 20, second_output
+    assert (model_dir / layout.FINAL).is_file()
+    assert (model_dir / layout.TRANSFORMER_CONFIG).is_file()
+    assert (model_dir / layout.RUN_CONFIG).is_file()
+    history = [
+        json.loads(line) for line in (model_dir / layout.EVAL_HISTORY).read_text().splitlines()
+    ]
+    assert [entry["step"] for entry in history][-1] == 60
+    assert "tok:13a" in history[-1]["signature"]
+    assert (model_dir / layout.BEST).is_file()
+
+
+def test_resuming_with_another_model_is_refused(resumed_run, tmp_path):
+    model_dir = resumed_run[0]
+    result = subprocess.run(
+        _train_command(model_dir, "model.ffn_dim=48"),
+        cwd=ROOT,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert "already holds a different model" in result.stderr and "ffn_dim" in result.stderr
+
+
+def test_average_of_the_last_checkpoints_is_their_mean(resumed_run):
+    from training.average import average_checkpoints, select_checkpoints
+
+    model_dir = resumed_run[0]
+    paths = select_checkpoints(model_dir, last=3)
+    assert [p.name for p in paths] == [f"step-000000{s}.weights.h5" for s in (40, 50, 60)]
+    output = average_checkpoints(model_dir, paths)
+    weights = []
+    for path in [*paths, output]:
+        model, _ = layout.load_transformer(model_dir, checkpoint=str(path))
+        weights.append(model.get_weights())
+    for *inputs, averaged in zip(*weights, strict=True):
+        np.testing.assert_allclose(averaged, np.mean(inputs, axis=0), rtol=1e-5, atol=1e-7)
+    assert layout.resolve_weights(model_dir) == output
+    with pytest.raises(ValueError, match="--last 99 asks for more checkpoints than the"):
+        select_checkpoints(model_dir, last=99)
+
+
+def test_evaluate_prints_bleu_with_signature_and_chrf(resumed_run, tmp_path, shared_data_dir):
+    from training.evaluate import evaluate
+
+    result = evaluate(
+        resumed_run[0],
+        f"text:{shared_data_dir}/multi30k/test_2016_flickr",
+        "en",
+        "de",
+        beam_size=1,
+        limit=12,
+        output=tmp_path / "hyp.txt",
+    )
+    assert result["sentences"] == 12
+    assert "case:mixed" in result["bleu_signature"] and "tok:13a" in result["bleu_signature"]
+    assert 0.0 <= result["bleu"] <= 100.0 and result["chrf"] > 0.0
+    assert len((tmp_path / "hyp.txt").read_text().splitlines()) == 12
