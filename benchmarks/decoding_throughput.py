@@ -61,18 +61,29 @@ def keras_decoders(model, output_length, beam_size=4):
 
 
 def exported_decoders(export_dir, output_length):
-    """Hook for the exported model: name -> callable(source_ids) -> target_ids.
+    """The exported SavedModel's token-id signatures: name -> callable(source_ids) -> target_ids.
 
-    To be filled in by the export work: load `export_dir` with `tf.saved_model.load`, pick the
-    greedy and beam signatures, and return callables that take int32 `[batch, length]` ids (or
-    whatever the signature takes) and return the target ids, with a forced `output_length`
-    so that the token counts match the in-process rows. Each is timed by `measure` exactly as
-    the Keras decoders are, and the rows land in the same table and JSON.
+    The export must have been made with `python -m serving.export ... --fixed-output-length N`
+    (N = `output_length`) so that it emits as many tokens as the in-process rows; its
+    `export.json` is checked for that. The id signatures skip tokenization, so these rows time
+    the same decoding work as the Keras rows, through the graph TF Serving would run.
     """
-    raise NotImplementedError(
-        "SavedModel measurement is not implemented yet: fill in exported_decoders() "
-        f"(export_dir={export_dir!r})"
-    )
+    import tensorflow_text  # noqa: F401 - registers the SentencePiece ops of the graph
+
+    export_dir = Path(export_dir)
+    settings = json.loads((export_dir / "assets.extra" / "export.json").read_text())
+    if settings.get("fixed_output_length") != output_length:
+        raise SystemExit(
+            f"{export_dir} was exported with fixed_output_length="
+            f"{settings.get('fixed_output_length')}, the benchmark needs {output_length}: "
+            f"re-export with --fixed-output-length {output_length}"
+        )
+    loaded = tf.saved_model.load(str(export_dir))
+    greedy, beam = loaded.signatures["greedy_ids"], loaded.signatures["beam_ids"]
+    return {
+        "greedy": lambda ids: greedy(source_ids=ids)["target_ids"],
+        f"beam{settings['beam_size']}": lambda ids: beam(source_ids=ids)["target_ids"],
+    }
 
 
 def source_batch(config, batch_size, source_length, seed=0):

@@ -176,8 +176,8 @@ class Transformer(keras.Model):
 
         Returns:
             A dict: `"key_caches"`/`"value_caches"` (lists over layers of
-            `[batch * beams, max_length, heads, head_dim]`), `"cross_keys"`/`"cross_values"`
-            (lists of `[batch, source_length, heads, head_dim]`) and `"source_mask"`.
+            `[batch * beams, heads, max_length, head_dim]`), `"cross_keys"`/`"cross_values"`
+            (lists of `[batch, heads, source_length, head_dim]`) and `"source_mask"`.
         """
         if isinstance(max_length, int) and max_length > self.config.max_length:
             raise ValueError(

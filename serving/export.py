@@ -47,10 +47,20 @@ class TranslationModule(tf.Module):
         length_penalty_alpha: GNMT length penalty of beam search.
         nbest: hypotheses returned by `beam` (at most `beam_size`).
         extra_length: outputs may be this many tokens longer than their source.
+        fixed_output_length: if set, every output has exactly this many tokens (end of
+            sentence is ignored): a decoding option for throughput comparisons with other
+            engines, not for translation.
     """
 
     def __init__(
-        self, model, tokenizer, beam_size=4, length_penalty_alpha=0.6, nbest=None, extra_length=50
+        self,
+        model,
+        tokenizer,
+        beam_size=4,
+        length_penalty_alpha=0.6,
+        nbest=None,
+        extra_length=50,
+        fixed_output_length=None,
     ):
         super().__init__(name="translation")
         self.model = model
@@ -59,6 +69,12 @@ class TranslationModule(tf.Module):
         self.length_penalty_alpha = float(length_penalty_alpha)
         self.nbest = int(nbest or beam_size)
         self.extra_length = int(extra_length)
+        self.length_options = {"extra_length": self.extra_length}
+        if fixed_output_length:
+            self.length_options = {
+                "max_output_length": int(fixed_output_length),
+                "ignore_eos": True,
+            }
         # Source tokens plus eos must fit the positional table (decoding caps outputs itself).
         self.max_source_tokens = model.config.max_length - 1
         self.pad_id, self.eos_id = model.config.pad_id, model.config.eos_id
@@ -83,7 +99,7 @@ class TranslationModule(tf.Module):
 
     # -- decoding ----------------------------------------------------------------------------
     def _greedy(self, source_ids):
-        result = greedy_search(self.model, source_ids, extra_length=self.extra_length)
+        result = greedy_search(self.model, source_ids, **self.length_options)
         return result["target_ids"], result["scores"]
 
     def _beam(self, source_ids, num_returned):
@@ -92,8 +108,8 @@ class TranslationModule(tf.Module):
             source_ids,
             beam_size=self.beam_size,
             length_penalty_alpha=self.length_penalty_alpha,
-            extra_length=self.extra_length,
             num_returned=num_returned,
+            **self.length_options,
         )
         return result["target_ids"], result["scores"]
 
@@ -197,6 +213,7 @@ def export(
     length_penalty_alpha=0.6,
     nbest=None,
     model_name=None,
+    fixed_output_length=None,
 ) -> Path:
     """Exports `model_dir` to `output` (`BASE/NAME/VERSION`), atomically.
 
@@ -213,7 +230,14 @@ def export(
     model_dir = Path(model_dir)
     model, weights = layout.load_transformer(model_dir, checkpoint)
     tokenizer = SubwordTokenizer(model_dir / layout.VOCAB)
-    module = TranslationModule(model, tokenizer, beam_size, length_penalty_alpha, nbest)
+    module = TranslationModule(
+        model,
+        tokenizer,
+        beam_size,
+        length_penalty_alpha,
+        nbest,
+        fixed_output_length=fixed_output_length,
+    )
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
     try:
@@ -236,6 +260,7 @@ def export(
                     "length_penalty_alpha": length_penalty_alpha,
                     "nbest": module.nbest,
                     "max_source_tokens": module.max_source_tokens,
+                    "fixed_output_length": fixed_output_length,
                 },
                 indent=2,
             )
@@ -254,10 +279,21 @@ def main(argv=None) -> int:
     parser.add_argument("--beam-size", type=int, default=4)
     parser.add_argument("--alpha", type=float, default=0.6)
     parser.add_argument("--nbest", type=int, help="hypotheses of the `beam` signature")
+    parser.add_argument(
+        "--fixed-output-length",
+        type=int,
+        help="benchmarking only: ignore end of sentence and emit exactly N tokens",
+    )
     args = parser.parse_args(argv)
     try:
         path = export(
-            args.model_dir, args.output, args.checkpoint, args.beam_size, args.alpha, args.nbest
+            args.model_dir,
+            args.output,
+            args.checkpoint,
+            args.beam_size,
+            args.alpha,
+            args.nbest,
+            fixed_output_length=args.fixed_output_length,
         )
     except (FileNotFoundError, FileExistsError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

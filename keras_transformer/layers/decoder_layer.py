@@ -129,12 +129,12 @@ class TransformerDecoderLayer(keras.layers.Layer):
 
     # -- incremental decoding ------------------------------------------------------------
     def compute_cross_key_value(self, memory):
-        """Encoder-decoder keys/values `[batch, source_length, heads, head_dim]`, per source."""
+        """Encoder-decoder keys/values `[batch, heads, source_length, head_dim]`, per source."""
         return self.cross_attention.compute_key_value(memory)
 
     def init_cache(self, batch_size, max_length, dtype=None):
-        """Zero `(key_cache, value_cache)`, each `[batch_size, max_length, heads, head_dim]`."""
-        shape = (batch_size, max_length, self.num_heads, self.model_dim // self.num_heads)
+        """Zero `(key_cache, value_cache)`, each `[batch_size, heads, max_length, head_dim]`."""
+        shape = (batch_size, self.num_heads, max_length, self.model_dim // self.num_heads)
         dtype = dtype or self.compute_dtype
         return ops.zeros(shape, dtype=dtype), ops.zeros(shape, dtype=dtype)
 
@@ -154,9 +154,9 @@ class TransformerDecoderLayer(keras.layers.Layer):
         Args:
             inputs: `[batch * beams, 1, model_dim]`, rows grouped by sentence
                 (row `i * beams + k` is beam `k` of sentence `i`).
-            key_cache, value_cache: `[batch * beams, max_length, heads, head_dim]`.
+            key_cache, value_cache: `[batch * beams, heads, max_length, head_dim]`.
             cache_index: scalar int, the position being decoded.
-            cross_key, cross_value: `[batch, source_length, heads, head_dim]` from
+            cross_key, cross_value: `[batch, heads, source_length, head_dim]` from
                 `compute_cross_key_value`, shared by the beams of a sentence.
             memory_padding_mask: boolean `[batch, source_length]`.
             beams: beams per sentence (a Python int).
@@ -174,7 +174,7 @@ class TransformerDecoderLayer(keras.layers.Layer):
         query = ops.reshape(block.normalize_input(x), (-1, beams, self.model_dim))
         mask = None if memory_padding_mask is None else memory_padding_mask[:, None, None, :]
         attended = self.cross_attention.attend(
-            self.cross_attention.query_dense(query), cross_key, cross_value, mask
+            self.cross_attention.compute_query(query), cross_key, cross_value, mask
         )
         x = block(x, ops.reshape(attended, (-1, 1, self.model_dim)))
         return self._feed_forward(x), key_cache, value_cache

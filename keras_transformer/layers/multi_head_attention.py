@@ -14,7 +14,7 @@ class MultiHeadAttention(keras.layers.Layer):
     self-attention and encoder-decoder attention. Keys and values can be computed separately
     (`compute_key_value`) so that a decoder computes the encoder-decoder keys/values once per
     source sentence, and decoder self-attention can write into a preallocated
-    `[batch, max_length, num_heads, head_dim]` cache (`call_cached`) instead of concatenating
+    `[batch, num_heads, max_length, head_dim]` cache (`call_cached`) instead of concatenating
     a growing tensor each step: shapes stay fixed, so a compiled decoding loop is traced once.
 
     Args:
@@ -93,29 +93,38 @@ class MultiHeadAttention(keras.layers.Layer):
 
     # -- pieces, used by the cached decoder ----------------------------------------------
     def compute_key_value(self, value):
-        """Projects `value` `[batch, length, model_dim]` to keys, values `[batch, length, h, d]`."""
-        return self.key_dense(value), self.value_dense(value)
+        """Projects `value` `[batch, length, model_dim]` to keys, values `[batch, h, length, d]`.
+
+        Heads come before positions so that both attention products are plain batched
+        matrix products over `[batch, heads]`: with a `[batch, length, heads, d]` layout every
+        decoding step would transpose the whole key/value cache.
+        """
+        return _heads_first(self.key_dense(value)), _heads_first(self.value_dense(value))
+
+    def compute_query(self, query):
+        """Projects `query` `[batch, length, model_dim]` to `[batch, heads, length, head_dim]`."""
+        return _heads_first(self.query_dense(query))
 
     def attend(self, query, key, value, attention_mask=None, training=None):
         """Attention of projected heads.
 
         Args:
-            query: `[batch, query_length, heads, head_dim]`, already projected.
-            key, value: `[batch, key_length, heads, head_dim]`, already projected.
+            query: `[batch, heads, query_length, head_dim]`, already projected.
+            key, value: `[batch, heads, key_length, head_dim]`, already projected.
             attention_mask: boolean broadcastable to `[batch, heads, query_length, key_length]`.
 
         Returns:
             `[batch, query_length, model_dim]` after the output projection.
         """
         query = query * ops.cast(self.key_dim**-0.5, query.dtype)
-        scores = ops.einsum("bqhd,bkhd->bhqk", query, key)
+        scores = ops.einsum("bhqd,bhkd->bhqk", query, key)
         if attention_mask is not None:
             scores = ops.where(attention_mask, scores, masked_fill_value(scores.dtype))
         # Softmax in float32: under mixed precision the row sums lose digits in bf16.
         weights = ops.cast(ops.softmax(ops.cast(scores, "float32"), axis=-1), value.dtype)
         weights = self.dropout_layer(weights, training=training)
-        context = ops.einsum("bhqk,bkhd->bqhd", weights, value)
-        return self.output_dense(context)
+        context = ops.einsum("bhqk,bhkd->bhqd", weights, value)
+        return self.output_dense(_heads_first(context))
 
     def call(self, query, value=None, attention_mask=None, use_causal_mask=False, training=None):
         value = query if value is None else value
@@ -124,14 +133,14 @@ class MultiHeadAttention(keras.layers.Layer):
         if use_causal_mask:
             causal = causal_mask(ops.shape(query)[1], ops.shape(value)[1])[None, None]
             mask = causal if mask is None else ops.logical_and(mask, causal)
-        return self.attend(self.query_dense(query), key, value_heads, mask, training=training)
+        return self.attend(self.compute_query(query), key, value_heads, mask, training=training)
 
     def call_cached(self, query, key_cache, value_cache, cache_index, attention_mask=None):
         """Causal self-attention for one decoding step, writing into a preallocated cache.
 
         Args:
             query: `[batch, 1, model_dim]`, the step's hidden state.
-            key_cache, value_cache: `[batch, max_length, heads, head_dim]`, positions
+            key_cache, value_cache: `[batch, heads, max_length, head_dim]`, positions
                 `< cache_index` already filled.
             cache_index: scalar int, this token's position.
             attention_mask: optional boolean `[batch, max_length]` of cache positions that may
@@ -143,11 +152,11 @@ class MultiHeadAttention(keras.layers.Layer):
         key, value = self.compute_key_value(query)
         key_cache = write_cache(key_cache, ops.cast(key, key_cache.dtype), cache_index)
         value_cache = write_cache(value_cache, ops.cast(value, value_cache.dtype), cache_index)
-        positions = ops.arange(ops.shape(key_cache)[1])
+        positions = ops.arange(ops.shape(key_cache)[2])
         mask = ops.less_equal(positions, cache_index)[None, None, None, :]
         if attention_mask is not None:
             mask = ops.logical_and(mask, _expand_mask(attention_mask))
-        output = self.attend(self.query_dense(query), key_cache, value_cache, mask)
+        output = self.attend(self.compute_query(query), key_cache, value_cache, mask)
         return output, key_cache, value_cache
 
     def compute_output_shape(self, query_shape, value_shape=None):
@@ -166,18 +175,26 @@ class MultiHeadAttention(keras.layers.Layer):
 
 
 def write_cache(cache, update, index):
-    """Writes `update` `[batch, 1, heads, head_dim]` at position `index` of `cache` in place.
+    """Writes `update` `[batch, heads, 1, head_dim]` at position `index` of `cache`.
 
     `ops.slice_update` is the natural op (JAX: `dynamic_update_slice`), but on TensorFlow it
     lowers to `XlaDynamicUpdateSlice`, an XLA op that a stock `tensorflow_model_server` runs only
-    with XLA enabled. There a scatter of one row per sentence (core `TensorScatterUpdate`) does
-    the same write.
+    with XLA enabled. There a scatter of one `head_dim` row per sentence and head (core
+    `TensorScatterUpdate`) does the same write.
     """
     if keras.config.backend() == "tensorflow":
-        rows = ops.arange(ops.shape(cache)[0], dtype="int32")
-        positions = ops.stack([rows, ops.zeros_like(rows) + ops.cast(index, "int32")], axis=1)
-        return ops.scatter_update(cache, positions, update[:, 0])
-    return ops.slice_update(cache, (0, index, 0, 0), update)
+        batch, heads = ops.shape(cache)[0], ops.shape(cache)[1]
+        rows = ops.repeat(ops.arange(batch, dtype="int32"), heads)
+        head_ids = ops.tile(ops.arange(heads, dtype="int32"), [batch])
+        positions = ops.zeros_like(rows) + ops.cast(index, "int32")
+        indices = ops.stack([rows, head_ids, positions], axis=1)
+        return ops.scatter_update(cache, indices, ops.reshape(update, (-1, ops.shape(update)[-1])))
+    return ops.slice_update(cache, (0, 0, index, 0), update)
+
+
+def _heads_first(x):
+    """`[batch, length, heads, d]` <-> `[batch, heads, length, d]` (the swap is its own inverse)."""
+    return ops.transpose(x, (0, 2, 1, 3))
 
 
 def causal_mask(query_length, key_length):

@@ -83,7 +83,7 @@ def test_cached_decode_steps_equal_one_full_pass(norm_placement):
         logits, state = model.decode_step(target[:, index], index, state)
         np.testing.assert_allclose(keras.ops.convert_to_numpy(logits), full[:, index], atol=2e-5)
     # The cache has a fixed shape: it was preallocated, not grown.
-    assert tuple(state["key_caches"][0].shape) == (2, 10, config.num_heads, config.head_dim)
+    assert tuple(state["key_caches"][0].shape) == (2, config.num_heads, 10, config.head_dim)
 
 
 def test_beams_share_encoder_keys_and_values():

@@ -158,6 +158,15 @@ def test_translation_module_refuses_nothing_in_process(trained_run):
     module = TranslationModule(model, SubwordTokenizer(trained_run[0] / layout.VOCAB))
     out = module.greedy(tf.constant(trained_run[1][:2]))
     assert out["translations"].shape == (2,)
+    # The benchmarking option: exactly N tokens, end of sentence ignored.
+    fixed = TranslationModule(
+        model, SubwordTokenizer(trained_run[0] / layout.VOCAB), fixed_output_length=5
+    )
+    source_ids = tf.constant([[5, 6, 7, 3], [8, 3, 0, 0]], tf.int32)
+    for name in ("greedy_ids", "beam_ids"):
+        target_ids = getattr(fixed, name)(source_ids)["target_ids"].numpy()
+        assert target_ids.shape == (2, 5) and (target_ids != 0).all()
+        assert (target_ids != model.config.eos_id).all()
 
 
 def test_served_translations_equal_the_in_process_model(
