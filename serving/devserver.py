@@ -23,6 +23,10 @@ from concurrent import futures
 import grpc
 import numpy as np
 import tensorflow as tf
+
+# tensorflow_model_server links the tensorflow-text ops; registering them here lets the
+# devserver load the same exports (their tokenizer is a SentencePiece op in the graph).
+import tensorflow_text  # noqa: F401
 from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import (
     get_model_metadata_pb2,

@@ -178,3 +178,31 @@ def test_served_translations_equal_the_in_process_model(
     with TranslationClient(server.address, model="transformer", max_batch_size=4) as client:
         assert client.translate(sentences) == in_process["beam"]
         assert client.translate(sentences, signature="greedy") == in_process["greedy"]
+
+
+def test_devserver_command_serves_the_export(exported, trained_run, in_process):
+    """The `python -m serving.devserver` process (no test imports in it) loads the real export."""
+    base, _ = exported
+    process = subprocess.Popen(
+        [sys.executable, "-m", "serving.devserver", "--model_base_path", str(base)]
+        + ["--model_name", "transformer", "--port", "0"],
+        cwd=ROOT,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        lines = []
+        for line in process.stdout:
+            lines.append(line)
+            if "listening on" in line:
+                address = line.strip().rsplit(" ", 1)[-1]
+                break
+        else:
+            pytest.fail("devserver exited: " + "".join(lines[-20:]))
+        with TranslationClient(address, model="transformer") as client:
+            assert client.translate(trained_run[1]) == in_process["beam"]
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
