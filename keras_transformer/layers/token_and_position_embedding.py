@@ -44,7 +44,7 @@ class TokenAndPositionEmbedding(keras.layers.Layer):
 
     Call arguments:
         inputs: int ids `[batch, length]` (or hidden states `[batch, length, embedding_dim]`
-            with `reverse=True`).
+            with `reverse=True`; rank 3 exactly).
         start_index: position of the first token (an int or scalar tensor); incremental
             decoding passes the step index.
         reverse: project hidden states onto the vocabulary instead of embedding ids.
@@ -100,7 +100,9 @@ class TokenAndPositionEmbedding(keras.layers.Layer):
             embeddings = ops.cast(self.embeddings, inputs.dtype)
             # An einsum contracts against E directly; matmul(x, transpose(E)) materialised the
             # transposed [d_model, vocab] matrix on every call (3x slower per decoding step).
-            return ops.einsum("...d,vd->...v", inputs, embeddings)
+            # The equation is spelled out: with "...", TensorFlow's einsum gradient builds a
+            # [batch, length, vocab, d_model] tensor (out of memory for `base`).
+            return ops.einsum("btd,vd->btv", inputs, embeddings)
         ids = ops.cast(inputs, "int32")
         embedded = ops.take(self.embeddings, ids, axis=0) * ops.cast(self.scale, self.compute_dtype)
         # A gather rather than a slice: JAX traces the functional graph with a symbolic length,

@@ -113,3 +113,17 @@ def test_init_decoder_state_rejects_a_cache_longer_than_positions():
     memory, mask = model.encode(IDS)
     with pytest.raises(ValueError, match=r"max_length \(100\) exceeds"):
         model.init_decoder_state(memory, mask, max_length=100)
+
+
+def test_tied_projection_gradient_stays_small():
+    """A broadcasting einsum gradient would build [batch, length, vocab, d] (67 GB here)."""
+    tf = pytest.importorskip("tensorflow")
+    if keras.config.backend() != "tensorflow":
+        pytest.skip("checks TensorFlow's einsum gradient")
+    layer = TokenAndPositionEmbedding(16000, 512, max_length=8)
+    layer.build()
+    hidden = tf.random.normal([64, 32, 512])
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(layer(hidden, reverse=True))
+    gradient = tape.gradient(loss, layer.embeddings.value)
+    assert tuple(gradient.shape) == (16000, 512)
