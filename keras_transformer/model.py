@@ -6,6 +6,7 @@ import keras
 from keras import ops
 
 from keras_transformer.config import TransformerConfig
+from keras_transformer.layers.attention_cache import cache_attention_mask, initial_ancestry
 from keras_transformer.layers.decoder_layer import TransformerDecoderLayer
 from keras_transformer.layers.encoder_layer import TransformerEncoderLayer
 from keras_transformer.layers.masks import padding_mask
@@ -96,14 +97,7 @@ class Transformer(keras.Model):
         hidden = target_embedding(target_ids)
         for layer in decoder_layers:
             hidden = layer(hidden, memory, memory_padding_mask=source_mask)
-        if decoder_norm is not None:
-            hidden = decoder_norm(hidden)
-        if output_projection is None:
-            logits = target_embedding(hidden, reverse=True)
-        else:
-            logits = output_projection(hidden)
-        # The loss and softmax want float32 even when the layers compute in bfloat16.
-        logits = ops.cast(logits, "float32")
+        logits = _output_logits(hidden, decoder_norm, target_embedding, output_projection)
 
         super().__init__(
             inputs={"source_ids": source_ids, "target_ids": target_ids},
@@ -147,13 +141,20 @@ class Transformer(keras.Model):
 
     def project(self, hidden):
         """Final norm (pre-norm only) and pre-softmax projection: float32 logits."""
-        if self.decoder_norm is not None:
-            hidden = self.decoder_norm(hidden)
+        return _output_logits(
+            hidden, self.decoder_norm, self.target_embedding, self.output_projection
+        )
+
+    def output_kernel(self):
+        """The pre-softmax projection as a `[d_model, vocab]` matrix.
+
+        With shared embeddings this is `E^T`, materialised: decoding transposes it once per
+        search rather than contracting against `E` at every step (a transposed matrix
+        product was half as fast for the `[rows, d] x [d, vocab]` shape of a step).
+        """
         if self.output_projection is None:
-            logits = self.target_embedding(hidden, reverse=True)
-        else:
-            logits = self.output_projection(hidden)
-        return ops.cast(logits, "float32")
+            return ops.transpose(self.target_embedding.embeddings)
+        return ops.convert_to_tensor(self.output_projection.kernel)
 
     def decode(self, target_ids, memory, source_mask, training=False):
         """Full (uncached) decoder pass: logits `[batch, target_length, vocab]`."""
@@ -163,7 +164,7 @@ class Transformer(keras.Model):
         return self.project(hidden)
 
     def init_decoder_state(self, memory, source_mask, max_length, beams=1):
-        """Everything `decode_step` reads: caches and encoder-decoder keys/values.
+        """Everything `decode_step` reads: caches, beam ancestry, encoder-decoder keys/values.
 
         Args:
             memory: encoder output `[batch, source_length, d_model]`.
@@ -171,38 +172,45 @@ class Transformer(keras.Model):
             max_length: number of target positions the caches hold: a Python int, or a
                 scalar tensor (a length computed inside `tf.function`) that the caller keeps
                 within `config.max_length`; only a Python int can be checked here.
-            beams: hypotheses per sentence; caches get `batch * beams` rows while the
-                encoder-decoder keys/values keep `batch` rows, shared by a sentence's beams.
+            beams: hypotheses per sentence. The caches hold `beams` slots per sentence
+                (`attention_cache` explains the layout) while the encoder-decoder keys/values
+                keep `batch` rows, shared by a sentence's beams.
 
         Returns:
             A dict: `"key_caches"`/`"value_caches"` (lists over layers of
-            `[batch * beams, heads, max_length, head_dim]`), `"cross_keys"`/`"cross_values"`
-            (lists of `[batch, heads, source_length, head_dim]`) and `"source_mask"`.
+            `[batch, heads, beams * max_length, head_dim]`), `"ancestry"` (int32
+            `[batch, beams, max_length]`, see `attention_cache.reorder_ancestry`),
+            `"cross_keys"`/`"cross_values"` (lists of `[batch, heads, source_length,
+            head_dim]`), `"source_mask"` and `"output_kernel"` (`[d_model, vocab]`).
         """
         if isinstance(max_length, int) and max_length > self.config.max_length:
             raise ValueError(
                 f"max_length ({max_length}) exceeds the model's positional table "
                 f"(config.max_length={self.config.max_length})"
             )
-        rows = ops.shape(memory)[0] * beams
+        batch = ops.shape(memory)[0]
         state = {"key_caches": [], "value_caches": [], "cross_keys": [], "cross_values": []}
         for layer in self.decoder_layers:
-            key_cache, value_cache = layer.init_cache(rows, max_length, dtype=memory.dtype)
+            key_cache, value_cache = layer.init_cache(batch, max_length, beams, memory.dtype)
             cross_key, cross_value = layer.compute_cross_key_value(memory)
             state["key_caches"].append(key_cache)
             state["value_caches"].append(value_cache)
             state["cross_keys"].append(cross_key)
             state["cross_values"].append(cross_value)
+        state["ancestry"] = initial_ancestry(batch, beams, max_length)
         state["source_mask"] = source_mask
+        state["output_kernel"] = ops.cast(self.output_kernel(), memory.dtype)
         return state
 
     def decode_step(self, token_ids, index, state, beams=1):
         """Logits for the next token after feeding `token_ids` at position `index`.
 
         Args:
-            token_ids: int `[batch * beams]`, the tokens at position `index`.
+            token_ids: int `[batch * beams]`, the tokens at position `index`; row
+                `i * beams + k` is the hypothesis in slot `k` of sentence `i`.
             index: scalar int, their position (0 for `bos_id`).
-            state: from `init_decoder_state`; its caches are returned updated.
+            state: from `init_decoder_state`. Its caches are returned updated; on TensorFlow
+                inside a graph they are written in place, so pass each state once.
             beams: hypotheses per sentence.
 
         Returns:
@@ -211,6 +219,8 @@ class Transformer(keras.Model):
         hidden = self.target_embedding(
             ops.cast(token_ids, "int32")[:, None], start_index=index, training=False
         )
+        ancestry = state["ancestry"]
+        cache_mask = cache_attention_mask(index, ops.shape(ancestry)[2], ancestry, beams)
         key_caches, value_caches = [], []
         for i, layer in enumerate(self.decoder_layers):
             hidden, key_cache, value_cache = layer.call_step(
@@ -218,6 +228,7 @@ class Transformer(keras.Model):
                 state["key_caches"][i],
                 state["value_caches"][i],
                 index,
+                cache_mask,
                 state["cross_keys"][i],
                 state["cross_values"][i],
                 memory_padding_mask=state["source_mask"],
@@ -226,7 +237,24 @@ class Transformer(keras.Model):
             key_caches.append(key_cache)
             value_caches.append(value_cache)
         new_state = dict(state, key_caches=key_caches, value_caches=value_caches)
-        return self.project(hidden)[:, 0, :], new_state
+        hidden = hidden[:, 0, :]
+        if self.decoder_norm is not None:
+            hidden = self.decoder_norm(hidden)
+        # A plain [rows, d] x [d, vocab] product with the kernel prepared once per search.
+        logits = ops.matmul(hidden, ops.cast(state["output_kernel"], hidden.dtype))
+        return ops.cast(logits, "float32"), new_state
+
+
+def _output_logits(hidden, decoder_norm, target_embedding, output_projection):
+    """Final norm (pre-norm only) and pre-softmax projection, shared or not: float32 logits."""
+    if decoder_norm is not None:
+        hidden = decoder_norm(hidden)
+    if output_projection is None:
+        logits = target_embedding(hidden, reverse=True)
+    else:
+        logits = output_projection(hidden)
+    # The loss and softmax want float32 even when the layers compute in bfloat16.
+    return ops.cast(logits, "float32")
 
 
 def build_transformer(config: TransformerConfig | dict | str) -> Transformer:

@@ -8,12 +8,14 @@ from pathlib import Path
 # tensorflow-text, which every model server since 2.2 links. Anything else (py_function's
 # PyFunc/EagerPyFunc, XLA-only ops such as XlaDynamicUpdateSlice, tensorflow-addons or newer
 # tf-text ops) could fail to load on a server ("Op type not registered"), so export refuses it.
+# `Empty` and `InplaceUpdate` (decoding's in-place cache writes) are core array ops since TF 1.x.
 ALLOWED_OPS = frozenset(
     """
     Abs AddV2 All Any ArgMax Assert AssignVariableOp BatchMatMulV2 BiasAdd Bitcast BitwiseAnd
-    BroadcastTo Cast ConcatV2 Const Cumsum DisableCopyOnRead Einsum Equal Exp ExpandDims Fill
-    FloorDiv FloorMod GatherNd GatherV2 Greater GreaterEqual Identity IdentityN If IsFinite Less
-    LessEqual Log LogicalAnd LogicalNot LogicalOr MatMul Max Maximum Mean MergeV2Checkpoints Min
+    BroadcastTo Cast ConcatV2 Const Cumsum DisableCopyOnRead Einsum Empty Equal Exp ExpandDims
+    Fill FloorDiv FloorMod GatherNd GatherV2 Greater GreaterEqual Identity IdentityN If
+    InplaceUpdate IsFinite Less LessEqual Log LogicalAnd LogicalNot LogicalOr MatMul Max Maximum
+    Mean MergeV2Checkpoints Min
     Minimum Mul Neg NoOp NotEqual OneHot Pack PartitionedCall Placeholder Pow Prod RaggedGather
     RaggedRange RaggedTensorToTensor Range ReadVariableOp RealDiv Relu Reshape RestoreV2 Rsqrt
     SaveV2 Select SelectV2 Shape ShardedFilename Slice Softmax SquaredDifference Squeeze

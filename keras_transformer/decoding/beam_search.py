@@ -10,7 +10,9 @@ from keras_transformer.decoding.common import (
     length_penalty,
     output_limits,
     position_mask,
+    top_k_last_axis,
 )
+from keras_transformer.layers.attention_cache import reorder_ancestry
 
 
 def beam_search(
@@ -43,9 +45,11 @@ def beam_search(
     the same result alone or in any batch.
 
     Decoding is incremental: `model.init_decoder_state(..., beams=beam_size)` preallocates
-    self-attention caches of `[batch * beam_size, max_steps, heads, head_dim]` that are
-    reordered by a gather of the surviving beams' rows each step, while the encoder-decoder
-    keys/values stay `[batch, source_length, ...]`, shared by a sentence's beams. The loop is an
+    self-attention caches with `beam_size` slots per sentence, written in place each step and
+    never reordered: a surviving hypothesis inherits its parent's *ancestry* (which slot holds
+    its token at each position, `[batch, beam_size, max_steps]` int32), and attention is masked
+    to it. The encoder-decoder keys/values stay `[batch, source_length, ...]`, shared by a
+    sentence's beams. The loop is an
     `ops.while_loop` with fixed-shape state: it traces once inside `tf.function` (dynamic batch
     and length) and under `jax.jit`.
 
@@ -111,8 +115,7 @@ def beam_search(
         # Top-k in two stages, both exact: a sentence's best `candidates` extensions are among
         # its beams' best `row_k` tokens each. Ranking raw logits per row (the log-softmax
         # shift is per row) avoids writing `[batch * beams, vocab]` log-probs and sums.
-        row_logits, row_tokens = ops.top_k(logits, row_k)
-        row_tokens = ops.cast(row_tokens, "int32")
+        row_logits, row_tokens = top_k_last_axis(logits, row_k)
         if forbid_eos:
             forbidden = ops.equal(row_tokens, config.eos_id)
             if not ignore_eos:
@@ -148,9 +151,11 @@ def beam_search(
         tokens = ops.take(ops.reshape(top_tokens, (-1,)), picked_rows, axis=0)
         parent_rows = ops.take(ops.reshape(parents, (-1,)), picked_rows, axis=0)
         cache_rows = ops.reshape(sentence * beams + ops.reshape(parent_rows, (-1, beams)), (-1,))
+        # The caches stay where they are; the survivors inherit their parents' ancestry.
         caches = {
-            name: [ops.take(cache, cache_rows, axis=0) for cache in new_state[name]]
-            for name in ("key_caches", "value_caches")
+            "key_caches": new_state["key_caches"],
+            "value_caches": new_state["value_caches"],
+            "ancestry": reorder_ancestry(new_state["ancestry"], cache_rows, index),
         }
 
         # Finished: ending candidates ranked within the first `beams`, merged with those kept.
@@ -204,7 +209,7 @@ def beam_search(
             "lengths": ops.zeros((batch, beams), dtype="int32"),
         },
         ops.zeros((batch,), dtype="bool"),
-        {"key_caches": state["key_caches"], "value_caches": state["value_caches"]},
+        {name: state[name] for name in ("key_caches", "value_caches", "ancestry")},
     )
     outputs = ops.while_loop(cond, body, loop_vars)
     finished = outputs[4]

@@ -80,3 +80,68 @@ def check_source_ids(source_ids):
             f"source_ids must be [batch, source_length], got shape {tuple(source_ids.shape)}"
         )
     return source_ids
+
+
+def top_k_last_axis(x, k):
+    """`ops.top_k(x, k)` for a wide last axis (a vocabulary), in two exact stages.
+
+    TensorFlow's CPU top-k took 3.2 ms for `[128, 8000]` with k = 9, as long as the step's
+    output projection. Splitting the axis into blocks, the top `k` values all lie in the `k`
+    blocks with the largest maxima (a value outside them is beaten by those `k` maxima), so a
+    max per block, a top-k over block maxima and a top-k over `k` gathered blocks give the same
+    values and ids (up to the order of exact ties).
+
+    Args:
+        x: `[rows, width]` with a static width.
+        k: a Python int.
+
+    Returns:
+        `(values [rows, k], ids int32 [rows, k])`, sorted by value, descending.
+    """
+    width = x.shape[-1]
+    block = _block_size(width, k)
+    if block is None:
+        values, ids = ops.top_k(x, k)
+        return values, ops.cast(ids, "int32")
+    blocks = width // block
+    body = x if blocks * block == width else x[:, : blocks * block]
+    body = ops.reshape(body, (-1, blocks, block))
+    _, best_blocks = ops.top_k(ops.max(body, axis=-1), k)
+    best_blocks = ops.cast(best_blocks, "int32")
+    # Gathers as flat row lookups: `take_along_axis` builds index grids (slower here).
+    rows = ops.arange(ops.shape(x)[0], dtype="int32")[:, None]
+    picked = ops.reshape(rows * blocks + best_blocks, (-1,))
+    candidates = ops.reshape(
+        ops.take(ops.reshape(body, (-1, block)), picked, axis=0), (-1, k * block)
+    )
+    candidate_ids = ops.reshape(
+        best_blocks[:, :, None] * block + ops.arange(block, dtype="int32")[None, None, :],
+        (-1, k * block),
+    )
+    if blocks * block < width:
+        # The tail that does not fill a block is always a candidate.
+        tail = x[:, blocks * block :]
+        candidates = ops.concatenate([candidates, tail], axis=1)
+        tail_ids = ops.arange(blocks * block, width, dtype="int32")[None, :]
+        candidate_ids = ops.concatenate(
+            [candidate_ids, ops.zeros_like(tail[:, :1], dtype="int32") + tail_ids], axis=1
+        )
+    values, positions = ops.top_k(candidates, k)
+    count = ops.shape(candidates)[1]
+    ids = ops.take(
+        ops.reshape(candidate_ids, (-1,)),
+        ops.reshape(rows * count + ops.cast(positions, "int32"), (-1,)),
+        axis=0,
+    )
+    return values, ops.reshape(ids, (-1, k))
+
+
+def _block_size(width, k):
+    """A block length near `sqrt(width)`, preferring divisors of `width`; `None` if too narrow."""
+    if width is None or width < 64 * k:
+        return None
+    root = int(np.sqrt(width))
+    for block in sorted(range(max(2, root // 2), 2 * root + 1), key=lambda b: abs(b - root)):
+        if width % block == 0 and width // block >= k:
+            return block
+    return root if width // root >= k else None

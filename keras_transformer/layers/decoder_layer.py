@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_transformer.layers.attention_cache import empty_cache
 from keras_transformer.layers.feed_forward import PositionwiseFeedForward
 from keras_transformer.layers.multi_head_attention import MultiHeadAttention
 from keras_transformer.layers.residual import ResidualBlock
@@ -132,11 +133,14 @@ class TransformerDecoderLayer(keras.layers.Layer):
         """Encoder-decoder keys/values `[batch, heads, source_length, head_dim]`, per source."""
         return self.cross_attention.compute_key_value(memory)
 
-    def init_cache(self, batch_size, max_length, dtype=None):
-        """Zero `(key_cache, value_cache)`, each `[batch_size, heads, max_length, head_dim]`."""
-        shape = (batch_size, self.num_heads, max_length, self.model_dim // self.num_heads)
+    def init_cache(self, batch_size, max_length, beams=1, dtype=None):
+        """Zero `(key_cache, value_cache)`, each `[batch_size, heads, beams * max_length, d]`.
+
+        `batch_size` counts sentences; see `attention_cache` for the layout.
+        """
         dtype = dtype or self.compute_dtype
-        return ops.zeros(shape, dtype=dtype), ops.zeros(shape, dtype=dtype)
+        args = (batch_size, self.num_heads, max_length, self.model_dim // self.num_heads, beams)
+        return empty_cache(*args, dtype=dtype), empty_cache(*args, dtype=dtype)
 
     def call_step(
         self,
@@ -144,6 +148,7 @@ class TransformerDecoderLayer(keras.layers.Layer):
         key_cache,
         value_cache,
         cache_index,
+        cache_mask,
         cross_key,
         cross_value,
         memory_padding_mask=None,
@@ -153,9 +158,11 @@ class TransformerDecoderLayer(keras.layers.Layer):
 
         Args:
             inputs: `[batch * beams, 1, model_dim]`, rows grouped by sentence
-                (row `i * beams + k` is beam `k` of sentence `i`).
-            key_cache, value_cache: `[batch * beams, heads, max_length, head_dim]`.
+                (row `i * beams + k` is beam slot `k` of sentence `i`).
+            key_cache, value_cache: `[batch, heads, beams * max_length, head_dim]`.
             cache_index: scalar int, the position being decoded.
+            cache_mask: the cache rows each row may attend to, from
+                `attention_cache.cache_attention_mask`.
             cross_key, cross_value: `[batch, heads, source_length, head_dim]` from
                 `compute_cross_key_value`, shared by the beams of a sentence.
             memory_padding_mask: boolean `[batch, source_length]`.
@@ -166,7 +173,7 @@ class TransformerDecoderLayer(keras.layers.Layer):
         """
         block = self.self_attention_block
         attended, key_cache, value_cache = self.self_attention.call_cached(
-            block.normalize_input(inputs), key_cache, value_cache, cache_index
+            block.normalize_input(inputs), key_cache, value_cache, cache_index, cache_mask, beams
         )
         x = block(inputs, attended)
         block = self.cross_attention_block
@@ -174,7 +181,7 @@ class TransformerDecoderLayer(keras.layers.Layer):
         query = ops.reshape(block.normalize_input(x), (-1, beams, self.model_dim))
         mask = None if memory_padding_mask is None else memory_padding_mask[:, None, None, :]
         attended = self.cross_attention.attend(
-            self.cross_attention.compute_query(query), cross_key, cross_value, mask
+            self.cross_attention.compute_query(query), cross_key, cross_value, mask, rowwise=True
         )
         x = block(x, ops.reshape(attended, (-1, 1, self.model_dim)))
         return self._feed_forward(x), key_cache, value_cache

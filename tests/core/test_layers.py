@@ -74,6 +74,11 @@ def test_attention_ignores_masked_keys():
 def test_cached_decode_steps_equal_one_full_pass(norm_placement):
     config = TransformerConfig.preset("tiny", norm_placement=norm_placement)
     model = build_transformer(config)
+    # Layer norms away from their initial identity, so a norm applied twice shows.
+    rng = np.random.default_rng(0)
+    for weight in model.weights:
+        if "norm" in weight.path:
+            weight.assign(rng.uniform(0.5, 1.5, weight.shape).astype("float32"))
     source = np.array([[7, 8, 9, 10, 3], [11, 12, 3, 0, 0]], "int32")
     target = np.array([[2, 20, 21, 22, 23, 24], [2, 30, 31, 32, 0, 0]], "int32")
     full = keras.ops.convert_to_numpy(model({"source_ids": source, "target_ids": target}))

@@ -1,8 +1,11 @@
 """Beam search: beam 1 is greedy, scores match a full pass, n-best order, bounds and limits."""
 
+import threading
+
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from keras_transformer.decoding import beam_search, greedy_search
 from tests.decoding.copy_model import copy_sources, trained_copy_model
@@ -26,9 +29,18 @@ def sources(model):
     return copy_sources(model.config, 6)
 
 
-@pytest.fixture(scope="module")
-def nbest(model, sources):
-    return numpy(beam_search(model, sources, beam_size=4, extra_length=4, num_returned=4))
+def nbest_search(model):
+    return lambda s: beam_search(model, s, beam_size=4, extra_length=4, num_returned=4)
+
+
+# "graph" runs the search as a SavedModel does, with the caches written in place
+# (`InplaceUpdate`); eagerly they are written into copies.
+@pytest.fixture(scope="module", params=["eager", "graph"])
+def nbest(request, model, sources):
+    search = nbest_search(model)
+    if request.param == "graph":
+        search = tf.function(search, input_signature=[tf.TensorSpec([None, None], tf.int32)])
+    return numpy(search(tf.constant(sources)))
 
 
 def test_beam_one_without_length_penalty_is_greedy(model, sources):
@@ -91,3 +103,27 @@ def test_rejects_bad_arguments(model, sources):
         beam_search(model, sources, beam_size=2, num_returned=3)
     with pytest.raises(ValueError, match="source_ids must be"):
         beam_search(model, sources[0])
+
+
+def test_concurrent_and_repeated_graph_calls_do_not_share_caches(model, sources):
+    """The in-place cache writes need a fresh buffer per call, as a model server runs
+    requests concurrently through one graph."""
+    search = tf.function(
+        nbest_search(model), input_signature=[tf.TensorSpec([None, None], tf.int32)]
+    )
+    inputs = [tf.constant(sources[:3]), tf.constant(sources[3:]), tf.constant(sources[::-1])]
+    expected = [numpy(search(source_ids)) for source_ids in inputs]
+    results = [None] * (2 * len(inputs))
+
+    def run(slot):
+        results[slot] = numpy(search(inputs[slot % len(inputs)]))
+
+    threads = [threading.Thread(target=run, args=(slot,)) for slot in range(len(results))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for slot, result in enumerate(results):
+        want = expected[slot % len(inputs)]
+        np.testing.assert_array_equal(result["target_ids"], want["target_ids"])
+        np.testing.assert_allclose(result["scores"], want["scores"], atol=1e-5)

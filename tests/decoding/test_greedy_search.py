@@ -133,8 +133,17 @@ uncached = uncached_greedy_search(model, sources, max_output_length=6)
 beam1 = jax.jit(lambda s: beam_search(model, s, beam_size=1, length_penalty_alpha=0.0,
                                        max_output_length=6))(sources)
 beam4 = jax.jit(lambda s: beam_search(model, s, max_output_length=6, num_returned=4))(sources)
+# Teacher-forced log-probs of the n-best: catches a cache slot read for the wrong ancestor.
+ids, lengths = np.asarray(beam4["target_ids"]), np.asarray(beam4["lengths"])
+flat = ids.reshape(-1, ids.shape[-1])
+inputs = np.concatenate([np.full((len(flat), 1), 2, "int32"), flat[:, :-1]], axis=1)
+logits = model({"source_ids": np.repeat(sources, 4, axis=0), "target_ids": inputs})
+log_probs = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+token = np.take_along_axis(log_probs, flat[..., None], axis=-1)[..., 0]
+forced = (token * (np.arange(flat.shape[1]) < lengths.reshape(-1, 1))).sum(axis=1)
 print(json.dumps({
     "backend": keras.config.backend(),
+    "forced_gap": float(np.abs(forced - np.asarray(beam4["log_probs"]).reshape(-1)).max()),
     "greedy": np.asarray(greedy["target_ids"]).tolist(),
     "uncached": np.asarray(uncached["target_ids"]).tolist(),
     "beam1": np.asarray(beam1["target_ids"])[:, 0].tolist(),
@@ -159,5 +168,6 @@ def test_greedy_and_beam_search_jit_on_jax():
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["backend"] == "jax"
     assert report["greedy"] == report["uncached"] == report["beam1"]
+    assert report["forced_gap"] < 1e-3
     scores = np.array(report["beam4_scores"])
     assert (np.diff(scores, axis=1) <= 0).all()
