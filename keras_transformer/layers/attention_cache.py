@@ -40,11 +40,12 @@ def empty_cache(batch_size, num_heads, max_length, head_dim, beams=1, dtype="flo
 
 
 def write_cache(cache, update, index, beams=1):
-    """Writes `update` `[batch, heads, beams, head_dim]` at position `index` of every slot.
+    """Writes `update` at position `index` of every slot.
 
     Args:
         cache: `[batch, heads, beams * max_length, head_dim]`.
-        update: the step's keys or values, slot-major per head.
+        update: the step's keys or values as the projection gives them,
+            `[batch * beams, 1, heads, head_dim]` (rows in (sentence, slot, head) order).
         index: scalar int, the position written.
         beams: slots per sentence.
 
@@ -57,14 +58,20 @@ def write_cache(cache, update, index, beams=1):
         import tensorflow as tf
 
         update = tf.reshape(update, (-1, head_dim))
-        # Row of (sentence, head, slot) s at position t in the flattened cache: s * L + t.
-        flat_rows = tf.range(tf.shape(update)[0]) * max_length + tf.cast(index, "int32")
+        # Update row (sentence i, slot k, head h) goes to flat cache row
+        # ((i * heads + h) * beams + k) * max_length + index; no transpose of the update.
+        order = tf.range(tf.shape(update)[0])
+        sentence, rest = order // (beams * heads), order % (beams * heads)
+        slot, head = rest // heads, rest % heads
+        flat_rows = ((sentence * heads + head) * beams + slot) * max_length
+        flat_rows = flat_rows + tf.cast(index, "int32")
         flat = tf.reshape(cache, (-1, head_dim))
         if tf.inside_function():
             written = tf.raw_ops.InplaceUpdate(x=flat, i=flat_rows, v=update)
         else:
             written = tf.tensor_scatter_nd_update(flat, flat_rows[:, None], update)
         return tf.reshape(written, tf.shape(cache))
+    update = ops.transpose(ops.reshape(update, (batch, beams, heads, head_dim)), (0, 2, 1, 3))
     slots = ops.reshape(cache, (batch, heads, beams, max_length, head_dim))
     slots = ops.slice_update(slots, (0, 0, 0, index, 0), update[:, :, :, None, :])
     return ops.reshape(slots, (batch, heads, rows, head_dim))
@@ -105,8 +112,8 @@ def cache_attention_mask(index, max_length, ancestry=None, beams=1):
 
     Returns:
         `[1, 1, 1, max_length]` without beams (positions `<= index`), else
-        `[batch, 1, beams, beams * max_length]`: positions `<= index` in the slot that holds
-        the hypothesis' ancestor there.
+        `[batch, beams, 1, beams * max_length]` (hypothesis, head, cache row): positions
+        `<= index` in the slot that holds the hypothesis' ancestor there.
     """
     index = ops.cast(index, "int32")
     positions = ops.arange(max_length, dtype="int32")
@@ -120,4 +127,4 @@ def cache_attention_mask(index, max_length, ancestry=None, beams=1):
         ops.equal(ancestor_of_row, slot_of_row[None, None, :]),
         ops.tile(positions <= index, (beams,))[None, None, :],
     )
-    return mask[:, None]
+    return mask[:, :, None, :]

@@ -180,9 +180,7 @@ class TransformerDecoderLayer(keras.layers.Layer):
         # [batch * beams, 1, d] -> [batch, beams, d]: the beams act as query positions.
         query = ops.reshape(block.normalize_input(x), (-1, beams, self.model_dim))
         mask = None if memory_padding_mask is None else memory_padding_mask[:, None, None, :]
-        attended = self.cross_attention.attend(
-            self.cross_attention.compute_query(query), cross_key, cross_value, mask, rowwise=True
-        )
+        attended = self.cross_attention.attend_rows(query, cross_key, cross_value, mask)
         x = block(x, ops.reshape(attended, (-1, 1, self.model_dim)))
         return self._feed_forward(x), key_cache, value_cache
 

@@ -107,34 +107,57 @@ class MultiHeadAttention(keras.layers.Layer):
         """Projects `query` `[batch, length, model_dim]` to `[batch, heads, length, head_dim]`."""
         return _heads_first(self.query_dense(query))
 
-    def attend(self, query, key, value, attention_mask=None, training=None, rowwise=False):
+    def attend(self, query, key, value, attention_mask=None, training=None):
         """Attention of projected heads.
 
         Args:
             query: `[batch, heads, query_length, head_dim]`, already projected.
             key, value: `[batch, heads, key_length, head_dim]`, already projected.
             attention_mask: boolean broadcastable to `[batch, heads, query_length, key_length]`.
-            rowwise: compute each query row as its own matrix-vector product; for decoding
-                steps, whose few query rows are a sentence's beams (see `_rowwise_products`).
 
         Returns:
             `[batch, query_length, model_dim]` after the output projection.
         """
         query = query * ops.cast(self.key_dim**-0.5, query.dtype)
-        if rowwise:
-            scores = _rowwise_products(query, key, transpose=True)
-        else:
-            scores = ops.einsum("bhqd,bhkd->bhqk", query, key)
+        scores = ops.einsum("bhqd,bhkd->bhqk", query, key)
         if attention_mask is not None:
             scores = ops.where(attention_mask, scores, masked_fill_value(scores.dtype))
         # Softmax in float32: under mixed precision the row sums lose digits in bf16.
         weights = ops.cast(ops.softmax(ops.cast(scores, "float32"), axis=-1), value.dtype)
         weights = self.dropout_layer(weights, training=training)
-        if rowwise:
-            context = _rowwise_products(weights, value, transpose=False)
-        else:
-            context = ops.einsum("bhqk,bhkd->bhqd", weights, value)
+        context = ops.einsum("bhqk,bhkd->bhqd", weights, value)
         return self.output_dense(_heads_first(context))
+
+    def attend_rows(self, query, key, value, attention_mask=None):
+        """Attention for a decoding step: a few query rows per sentence (its beams).
+
+        Args:
+            query: `[batch, rows, model_dim]` (not yet projected), `rows` = the sentence's
+                beams.
+            key, value: `[batch, heads, key_length, head_dim]`, already projected (a cache, or
+                the encoder-decoder keys/values).
+            attention_mask: boolean broadcastable to `[batch, rows, heads, key_length]`.
+
+        Returns:
+            `[batch, rows, model_dim]` after the output projection.
+
+        The projections keep their natural `[batch, rows, heads, head_dim]` layout (no
+        transposes, which were a tenth of a beam step's time), and the products run row by
+        row (see `_rowwise_products`).
+        """
+        shape = ops.shape(query)
+        # The projections see one row per entry ([batch * rows, 1, ...]): TensorFlow's CPU
+        # kernels ran the `[batch, rows]` batched form at half the speed.
+        query = self.query_dense(ops.reshape(query, (-1, 1, shape[-1])))
+        query = ops.reshape(query, (-1, shape[1], self.num_heads, self.key_dim))
+        query = query * ops.cast(self.key_dim**-0.5, query.dtype)
+        scores = _rowwise_products(query, key, transpose=True)
+        if attention_mask is not None:
+            scores = ops.where(attention_mask, scores, masked_fill_value(scores.dtype))
+        weights = ops.cast(ops.softmax(ops.cast(scores, "float32"), axis=-1), value.dtype)
+        context = _rowwise_products(weights, value, transpose=False)
+        output = self.output_dense(ops.reshape(context, (-1, 1, self.num_heads, self.key_dim)))
+        return ops.reshape(output, (-1, shape[1], shape[-1]))
 
     def call(self, query, value=None, attention_mask=None, use_causal_mask=False, training=None):
         value = query if value is None else value
@@ -163,23 +186,12 @@ class MultiHeadAttention(keras.layers.Layer):
             `(output [batch * beams, 1, model_dim], key_cache, value_cache)` with this step
             written.
         """
-        key, value = self.compute_key_value(query)
-        key_cache = write_cache(key_cache, self._slot_major(key, beams), cache_index, beams)
-        value_cache = write_cache(value_cache, self._slot_major(value, beams), cache_index, beams)
-        # The step's hypotheses are the query positions of their sentence.
-        output = self.attend(
-            self._slot_major(self.compute_query(query), beams),
-            key_cache,
-            value_cache,
-            attention_mask,
-            rowwise=True,
-        )
+        # [batch * beams, 1, heads, head_dim]: the rows of (sentence, slot, head) in order.
+        key_cache = write_cache(key_cache, self.key_dense(query), cache_index, beams)
+        value_cache = write_cache(value_cache, self.value_dense(query), cache_index, beams)
+        rows = ops.reshape(query, (-1, beams, ops.shape(query)[-1]))
+        output = self.attend_rows(rows, key_cache, value_cache, attention_mask)
         return ops.reshape(output, (-1, 1, ops.shape(output)[-1])), key_cache, value_cache
-
-    def _slot_major(self, heads, beams):
-        """`[batch * beams, heads, 1, head_dim]` -> `[batch, heads, beams, head_dim]`."""
-        heads = ops.reshape(heads, (-1, beams, self.num_heads, self.key_dim))
-        return ops.transpose(heads, (0, 2, 1, 3))
 
     def compute_output_shape(self, query_shape, value_shape=None):
         return query_shape
@@ -197,22 +209,23 @@ class MultiHeadAttention(keras.layers.Layer):
 
 
 def _rowwise_products(rows, matrix, transpose):
-    """`rows [b, h, q, n] x matrix [b, h, k, n]^T` (or `[b, h, q, k] x [b, h, k, n]`) per row.
+    """`rows [b, q, h, n] x matrix [b, h, k, n]^T -> [b, q, h, k]` (`transpose=True`), or
+    `rows [b, q, h, k] x matrix [b, h, k, n] -> [b, q, h, n]`, one query row at a time.
 
-    On TensorFlow each query row becomes a batch entry with `matrix` broadcast to it, so the
-    CPU kernel runs `b * h * q` matrix-vector products: for a decoding step's shapes (a few
-    beams per sentence) that was 4-12x faster than the batched `[q, n] x [n, k]` product of an
-    einsum without oneDNN (0.21 vs 2.5 ms for `[128] x [4, 64] x [64, 128]`). Other backends
-    get the einsum, which XLA compiles without broadcasting `matrix`.
+    On TensorFlow each (sentence, row, head) becomes a batch entry of a matrix-vector product
+    with `matrix` broadcast to it: for a decoding step's shapes that was 4-12x faster than the
+    batched `[q, n] x [n, k]` products of an einsum without oneDNN (0.21 vs 2.5 ms for
+    `[128] x [4, 64] x [64, 128]`). Other backends get the einsum, which XLA compiles without
+    broadcasting `matrix`.
     """
     if keras.config.backend() == "tensorflow":
         import tensorflow as tf
 
-        product = tf.matmul(rows[:, :, :, None, :], matrix[:, :, None], transpose_b=transpose)
+        product = tf.matmul(rows[:, :, :, None, :], matrix[:, None], transpose_b=transpose)
         return product[:, :, :, 0, :]
     if transpose:
-        return ops.einsum("bhqd,bhkd->bhqk", rows, matrix)
-    return ops.einsum("bhqk,bhkd->bhqd", rows, matrix)
+        return ops.einsum("bqhn,bhkn->bqhk", rows, matrix)
+    return ops.einsum("bqhk,bhkn->bqhn", rows, matrix)
 
 
 def _heads_first(x):

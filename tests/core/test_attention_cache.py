@@ -23,7 +23,8 @@ def numpy(x):
 def test_in_graph_write_equals_eager_write(beams):
     rng = np.random.default_rng(0)
     cache = rng.normal(size=(2, 4, beams * 5, 8)).astype("float32")
-    update = rng.normal(size=(2, 4, beams, 8)).astype("float32")
+    # As the key projection gives it: rows (sentence, slot), then heads.
+    update = rng.normal(size=(2 * beams, 1, 4, 8)).astype("float32")
 
     @tf.function
     def in_graph(cache, update, index):
@@ -33,7 +34,8 @@ def test_in_graph_write_equals_eager_write(beams):
     eager = numpy(write_cache(tf.constant(cache), tf.constant(update), 3, beams))
     np.testing.assert_array_equal(numpy(in_graph(cache, update, tf.constant(3))), eager)
     expected = cache.reshape(2, 4, beams, 5, 8).copy()
-    expected[:, :, :, 3] = update
+    # [sentence, slot, head, d] -> [sentence, head, slot, d]
+    expected[:, :, :, 3] = update.reshape(2, beams, 4, 8).transpose(0, 2, 1, 3)
     np.testing.assert_array_equal(eager, expected.reshape(cache.shape))
 
 
@@ -45,7 +47,7 @@ def test_graph_caches_are_separate_zero_buffers():
     def write_keys_only(batch):
         keys = empty_cache(batch, 2, 4, 3, beams=2)
         values = empty_cache(batch, 2, 4, 3, beams=2)
-        keys = write_cache(keys, tf.ones((batch, 2, 2, 3)), 1, beams=2)
+        keys = write_cache(keys, tf.ones((batch * 2, 1, 2, 3)), 1, beams=2)
         return keys, values
 
     for _ in range(2):  # a second call must again start from zeros
@@ -68,10 +70,10 @@ def test_reorder_ancestry_follows_parents_then_own_slot():
 def test_cache_mask_selects_each_hypothesis_ancestors():
     ancestry = np.array([[[2, 1, 0, 0], [2, 0, 1, 1]]], "int32")  # 1 sentence, 2 slots
     mask = numpy(cache_attention_mask(2, 4, ancestry[:, :, :], beams=2))
-    assert mask.shape == (1, 1, 2, 8)
+    assert mask.shape == (1, 2, 1, 8)
     # Rows are slot-major: slot 0 positions 0-3, then slot 1 positions 0-3.
     np.testing.assert_array_equal(mask[0, 0, 0], [0, 0, 1, 0, 0, 1, 0, 0])
-    np.testing.assert_array_equal(mask[0, 0, 1], [0, 1, 0, 0, 0, 0, 1, 0])
+    np.testing.assert_array_equal(mask[0, 1, 0], [0, 1, 0, 0, 0, 0, 1, 0])
     np.testing.assert_array_equal(numpy(cache_attention_mask(1, 4)), [[[[1, 1, 0, 0]]]])
     with pytest.raises(ValueError, match="beams=2 needs the ancestry"):
         cache_attention_mask(1, 4, None, beams=2)
