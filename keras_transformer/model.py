@@ -181,7 +181,9 @@ class Transformer(keras.Model):
             `[batch, heads, beams * max_length, head_dim]`), `"ancestry"` (int32
             `[batch, beams, max_length]`, see `attention_cache.reorder_ancestry`),
             `"cross_keys"`/`"cross_values"` (lists of `[batch, heads, source_length,
-            head_dim]`), `"source_mask"` and `"output_kernel"` (`[d_model, vocab]`).
+            head_dim]`), `"source_mask"`, and weights laid out for the step, prepared once:
+            `"self_attention_qkv"` (per layer, see `stacked_query_key_value`) and
+            `"output_kernel"` (`[d_model, vocab]`).
         """
         if isinstance(max_length, int) and max_length > self.config.max_length:
             raise ValueError(
@@ -197,6 +199,9 @@ class Transformer(keras.Model):
             state["value_caches"].append(value_cache)
             state["cross_keys"].append(cross_key)
             state["cross_values"].append(cross_value)
+        state["self_attention_qkv"] = [
+            layer.self_attention.stacked_query_key_value() for layer in self.decoder_layers
+        ]
         state["ancestry"] = initial_ancestry(batch, beams, max_length)
         state["source_mask"] = source_mask
         state["output_kernel"] = ops.cast(self.output_kernel(), memory.dtype)
@@ -233,6 +238,7 @@ class Transformer(keras.Model):
                 state["cross_values"][i],
                 memory_padding_mask=state["source_mask"],
                 beams=beams,
+                qkv=state["self_attention_qkv"][i],
             )
             key_caches.append(key_cache)
             value_caches.append(value_cache)

@@ -153,6 +153,7 @@ class TransformerDecoderLayer(keras.layers.Layer):
         cross_value,
         memory_padding_mask=None,
         beams=1,
+        qkv=None,
     ):
         """Decodes one position.
 
@@ -167,13 +168,21 @@ class TransformerDecoderLayer(keras.layers.Layer):
                 `compute_cross_key_value`, shared by the beams of a sentence.
             memory_padding_mask: boolean `[batch, source_length]`.
             beams: beams per sentence (a Python int).
+            qkv: `self_attention.stacked_query_key_value()`, prepared once per search
+                (computed here when `None`).
 
         Returns:
             `(outputs [batch * beams, 1, model_dim], key_cache, value_cache)`.
         """
         block = self.self_attention_block
         attended, key_cache, value_cache = self.self_attention.call_cached(
-            block.normalize_input(inputs), key_cache, value_cache, cache_index, cache_mask, beams
+            block.normalize_input(inputs),
+            key_cache,
+            value_cache,
+            cache_index,
+            cache_mask,
+            beams,
+            qkv=qkv,
         )
         x = block(inputs, attended)
         block = self.cross_attention_block

@@ -150,6 +150,11 @@ class MultiHeadAttention(keras.layers.Layer):
         # kernels ran the `[batch, rows]` batched form at half the speed.
         query = self.query_dense(ops.reshape(query, (-1, 1, shape[-1])))
         query = ops.reshape(query, (-1, shape[1], self.num_heads, self.key_dim))
+        return self.attend_projected_rows(query, key, value, attention_mask)
+
+    def attend_projected_rows(self, query, key, value, attention_mask=None):
+        """`attend_rows` for a query already projected to `[batch, rows, heads, head_dim]`."""
+        rows = ops.shape(query)[1]
         query = query * ops.cast(self.key_dim**-0.5, query.dtype)
         scores = _rowwise_products(query, key, transpose=True)
         if attention_mask is not None:
@@ -157,7 +162,7 @@ class MultiHeadAttention(keras.layers.Layer):
         weights = ops.cast(ops.softmax(ops.cast(scores, "float32"), axis=-1), value.dtype)
         context = _rowwise_products(weights, value, transpose=False)
         output = self.output_dense(ops.reshape(context, (-1, 1, self.num_heads, self.key_dim)))
-        return ops.reshape(output, (-1, shape[1], shape[-1]))
+        return ops.reshape(output, (-1, rows, ops.shape(output)[-1]))
 
     def call(self, query, value=None, attention_mask=None, use_causal_mask=False, training=None):
         value = query if value is None else value
@@ -168,7 +173,9 @@ class MultiHeadAttention(keras.layers.Layer):
             mask = causal if mask is None else ops.logical_and(mask, causal)
         return self.attend(self.compute_query(query), key, value_heads, mask, training=training)
 
-    def call_cached(self, query, key_cache, value_cache, cache_index, attention_mask, beams=1):
+    def call_cached(
+        self, query, key_cache, value_cache, cache_index, attention_mask, beams=1, qkv=None
+    ):
         """Causal self-attention for one decoding step, writing into a preallocated cache.
 
         See `attention_cache` for the layout and why beams are never reordered in it.
@@ -186,12 +193,34 @@ class MultiHeadAttention(keras.layers.Layer):
             `(output [batch * beams, 1, model_dim], key_cache, value_cache)` with this step
             written.
         """
-        # [batch * beams, 1, heads, head_dim]: the rows of (sentence, slot, head) in order.
-        key_cache = write_cache(key_cache, self.key_dense(query), cache_index, beams)
-        value_cache = write_cache(value_cache, self.value_dense(query), cache_index, beams)
-        rows = ops.reshape(query, (-1, beams, ops.shape(query)[-1]))
-        output = self.attend_rows(rows, key_cache, value_cache, attention_mask)
-        return ops.reshape(output, (-1, 1, ops.shape(output)[-1])), key_cache, value_cache
+        model_dim = ops.shape(query)[-1]
+        kernel, bias = self.stacked_query_key_value() if qkv is None else qkv
+        # One [rows, d] x [d, 3 * heads * head_dim] product for the three projections.
+        kernel, bias = ops.cast(kernel, query.dtype), ops.cast(bias, query.dtype)
+        projected = ops.matmul(ops.reshape(query, (-1, model_dim)), kernel) + bias
+        projected = ops.reshape(projected, (-1, 3, self.num_heads, self.key_dim))
+        # [batch * beams, heads, head_dim]: the rows of (sentence, slot, head) in order.
+        key_cache = write_cache(key_cache, projected[:, 1], cache_index, beams)
+        value_cache = write_cache(value_cache, projected[:, 2], cache_index, beams)
+        rows = ops.reshape(projected[:, 0], (-1, beams, self.num_heads, self.key_dim))
+        output = self.attend_projected_rows(rows, key_cache, value_cache, attention_mask)
+        return ops.reshape(output, (-1, 1, model_dim)), key_cache, value_cache
+
+    def stacked_query_key_value(self):
+        """The query, key and value projections side by side: `(kernel [d, 3 * h * d_k],
+        bias [3 * h * d_k])`, for decoding steps (`call_cached(..., qkv=...)`), which
+        prepare it once per search."""
+        kernels = [
+            ops.reshape(layer.kernel, (ops.shape(layer.kernel)[0], -1))
+            for layer in (self.query_dense, self.key_dense, self.value_dense)
+        ]
+        width = self.num_heads * self.key_dim
+        biases = [
+            ops.reshape(layer.bias, (-1,)) if self.use_bias else ops.zeros((width,))
+            for layer in (self.query_dense, self.key_dense, self.value_dense)
+        ]
+        kernel = ops.concatenate(kernels, axis=1)
+        return kernel, ops.cast(ops.concatenate(biases, axis=0), kernel.dtype)
 
     def compute_output_shape(self, query_shape, value_shape=None):
         return query_shape

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from keras_transformer import TransformerConfig, build_transformer
 from keras_transformer.decoding import beam_search, greedy_search
 from tests.decoding.copy_model import copy_sources, trained_copy_model
 
@@ -127,3 +128,27 @@ def test_concurrent_and_repeated_graph_calls_do_not_share_caches(model, sources)
         want = expected[slot % len(inputs)]
         np.testing.assert_array_equal(result["target_ids"], want["target_ids"])
         np.testing.assert_allclose(result["scores"], want["scores"], atol=1e-5)
+
+
+def test_searches_run_under_mixed_bfloat16():
+    """Step weights prepared once per search (stacked q/k/v, output kernel) follow the
+    compute dtype; beam 1 still equals greedy."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        model = build_transformer(TransformerConfig.preset("tiny"))
+        source_ids = tf.constant([[5, 6, 7, 3], [8, 9, 3, 0]])
+        signature = [tf.TensorSpec([None, None], tf.int32)]
+        greedy = tf.function(lambda s: greedy_search(model, s, max_output_length=6), signature)
+        beam = tf.function(
+            lambda s: beam_search(
+                model, s, beam_size=1, length_penalty_alpha=0.0, max_output_length=6
+            ),
+            signature,
+        )
+        greedy_ids = numpy(greedy(source_ids))["target_ids"]
+        beam_result = numpy(beam(source_ids))
+    finally:
+        keras.config.set_dtype_policy(previous)
+    assert beam_result["scores"].dtype == np.float32
+    np.testing.assert_array_equal(beam_result["target_ids"][:, 0], greedy_ids)
