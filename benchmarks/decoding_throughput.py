@@ -4,13 +4,20 @@ Measures sentences/s and output tokens/s of the graphs a SavedModel would run: e
 `tf.function` with a `[None, None]` int32 signature (dynamic batch and source length), traced
 once and warmed up before timing. The outputs have a fixed length (`ignore_eos=True`), so every
 engine and every decoder produces the same number of tokens. Random weights are fine for
-throughput.
+throughput: with a forced length the work does not depend on them.
 
     TF_CPP_MIN_LOG_LEVEL=2 .venv/bin/python benchmarks/decoding_throughput.py
 
-writes `benchmarks/results/decoding_throughput.json` and prints a markdown table. The exported
-SavedModel's signatures are measured by passing `--saved-model DIR` once
-`exported_decoders` is implemented (the hook below).
+writes `benchmarks/results/decoding_throughput.json` and prints a markdown table. With
+`--saved-model DIR` it also times the export's `greedy_ids`/`beam_ids` signatures (the graph TF
+Serving runs, without tokenization); export it with `--fixed-output-length 32` first:
+
+    .venv/bin/python -m serving.export --model-dir runs/multi30k_en_de_small \
+        --output exports/bench/transformer/1 --fixed-output-length 32
+
+The TensorFlow runtime's settings are recorded: `TF_ENABLE_ONEDNN_OPTS=1` switches on oneDNN
+kernels (off by default on CPUs without AVX-512, such as this machine's), which changes the
+speed of the same graph.
 """
 
 from __future__ import annotations
@@ -136,8 +143,8 @@ def main(argv=None):
     parser.add_argument("--source-length", type=int, default=24)
     parser.add_argument("--output-length", type=int, default=32)
     parser.add_argument("--beam-size", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--min-seconds", type=float, default=2.0)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--min-seconds", type=float, default=3.0)
     parser.add_argument("--decoders", nargs="*", help="subset of decoder names to run")
     parser.add_argument("--saved-model", help="also measure this export (see exported_decoders)")
     parser.add_argument("--output", type=Path, default=RESULTS)
@@ -170,7 +177,7 @@ def main(argv=None):
         "benchmark": "decoding_throughput",
         "preset": args.preset,
         "config": config.to_dict(),
-        "weights": "random (seed 0)",
+        "weights": "random (seed 0) for the in-process rows; the export's for savedmodel_*",
         "source_length": args.source_length,
         "output_length": args.output_length,
         "beam_size": args.beam_size,
@@ -183,6 +190,7 @@ def main(argv=None):
             "cpu_count": os.cpu_count(),
             "tensorflow": tf.__version__,
             "keras": keras.__version__,
+            "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "unset (default)"),
             # Other processes on the machine skew timings; the load average says how much.
             "load_average_1min": {"before": load_before[0], "after": os.getloadavg()[0]},
         },
