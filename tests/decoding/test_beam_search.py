@@ -69,7 +69,7 @@ def test_nbest_is_sorted_distinct_and_scored_by_the_gnmt_penalty(nbest):
 
 
 def test_hypothesis_log_probs_equal_a_full_teacher_forced_pass(model, sources, nbest):
-    """Catches any cache row that was not reordered with its beam."""
+    """Catches any hypothesis that attended to cache rows outside its ancestry."""
     config = model.config
     batch, count, width = nbest["target_ids"].shape
     targets = nbest["target_ids"].reshape(batch * count, width)
