@@ -243,19 +243,27 @@ class Transformer(keras.Model):
             key_caches.append(key_cache)
             value_caches.append(value_cache)
         new_state = dict(state, key_caches=key_caches, value_caches=value_caches)
-        hidden = hidden[:, 0, :]
-        if self.decoder_norm is not None:
-            hidden = self.decoder_norm(hidden)
-        # A plain [rows, d] x [d, vocab] product with the kernel prepared once per search.
-        logits = ops.matmul(hidden, ops.cast(state["output_kernel"], hidden.dtype))
-        return ops.cast(logits, "float32"), new_state
+        logits = _output_logits(
+            hidden[:, 0, :],
+            self.decoder_norm,
+            self.target_embedding,
+            self.output_projection,
+            output_kernel=state["output_kernel"],
+        )
+        return logits, new_state
 
 
-def _output_logits(hidden, decoder_norm, target_embedding, output_projection):
-    """Final norm (pre-norm only) and pre-softmax projection, shared or not: float32 logits."""
+def _output_logits(hidden, decoder_norm, target_embedding, output_projection, output_kernel=None):
+    """Final norm (pre-norm only) and pre-softmax projection, shared or not: float32 logits.
+
+    Decoding steps pass `output_kernel` (`Transformer.output_kernel()`, prepared once per
+    search) for a plain `[rows, d] x [d, vocab]` product.
+    """
     if decoder_norm is not None:
         hidden = decoder_norm(hidden)
-    if output_projection is None:
+    if output_kernel is not None:
+        logits = ops.matmul(hidden, ops.cast(output_kernel, hidden.dtype))
+    elif output_projection is None:
         logits = target_embedding(hidden, reverse=True)
     else:
         logits = output_projection(hidden)

@@ -148,26 +148,18 @@ class MultiHeadAttention(keras.layers.Layer):
         transposes, which were a tenth of a beam step's time), and the products run row by
         row (see `_rowwise_products`).
         """
-        shape = ops.shape(query)
-        # The projections see one row per entry ([batch * rows, 1, ...]): TensorFlow's CPU
-        # kernels ran the `[batch, rows]` batched form at half the speed.
-        query = _project(self.query_dense, ops.reshape(query, (-1, 1, shape[-1])), 1)
-        query = ops.reshape(query, (-1, shape[1], self.num_heads, self.key_dim))
+        query = _project(self.query_dense, query, 1)
         return self.attend_projected_rows(query, key, value, attention_mask)
 
     def attend_projected_rows(self, query, key, value, attention_mask=None):
         """`attend_rows` for a query already projected to `[batch, rows, heads, head_dim]`."""
-        rows = ops.shape(query)[1]
         query = query * ops.cast(self.key_dim**-0.5, query.dtype)
         scores = _rowwise_products(query, key, transpose=True)
         if attention_mask is not None:
             scores = ops.where(attention_mask, scores, masked_fill_value(scores.dtype))
         weights = ops.cast(ops.softmax(ops.cast(scores, "float32"), axis=-1), value.dtype)
         context = _rowwise_products(weights, value, transpose=False)
-        output = _project(
-            self.output_dense, ops.reshape(context, (-1, 1, self.num_heads, self.key_dim)), 2
-        )
-        return ops.reshape(output, (-1, rows, ops.shape(output)[-1]))
+        return _project(self.output_dense, context, 2)
 
     def call(self, query, value=None, attention_mask=None, use_causal_mask=False, training=None):
         value = query if value is None else value
