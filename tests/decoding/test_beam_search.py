@@ -10,6 +10,7 @@ import tensorflow as tf
 from keras_transformer import TransformerConfig, build_transformer
 from keras_transformer.decoding import beam_search, greedy_search
 from tests.decoding.copy_model import copy_sources, trained_copy_model
+from tests.decoding.markov_model import EOS, FILLERS, A, B, MarkovModel, trap_table
 
 
 def numpy(result):
@@ -52,12 +53,35 @@ def test_beam_one_without_length_penalty_is_greedy(model, sources):
     np.testing.assert_allclose(beam["log_probs"][:, 0], greedy["scores"], atol=1e-4)
 
 
-def test_best_beam_scores_at_least_greedy(model, sources, nbest):
-    greedy = numpy(greedy_search(model, sources, extra_length=4))
-    greedy_scores = greedy["scores"] / penalty(greedy["lengths"], 0.6)
-    assert (nbest["scores"][:, 0] >= greedy_scores - 1e-5).all()
-    # The copy model is only half trained: the beam finds better hypotheses for some sentences.
-    assert (nbest["scores"][:, 0] > greedy_scores + 1e-3).any()
+@pytest.mark.parametrize("mode", ["eager", "graph"])
+def test_beam_finds_the_best_output_where_greedy_falls_into_the_trap(mode):
+    """On a model whose best output is known (by construction and by enumeration), beam
+    search finds it and greedy search does not. Catches a beam that keeps only its first
+    slot alive, ranks candidates by the wrong score, or drops finished hypotheses."""
+    model = MarkovModel(trap_table())
+    best_tokens, best_log_prob, best_score = model.best_output(3, alpha=0.6)
+    assert best_tokens == (B, EOS)
+    sources = np.array([[7, 8, EOS], [9, EOS, 0]], "int32")
+    signature = [tf.TensorSpec([None, None], tf.int32)]
+
+    def beam(s):
+        return beam_search(model, s, beam_size=4, max_output_length=3, num_returned=2)
+
+    def greedy(s):
+        return greedy_search(model, s, max_output_length=3)
+
+    if mode == "graph":
+        beam, greedy = tf.function(beam, signature), tf.function(greedy, signature)
+    result = numpy(beam(tf.constant(sources)))
+    np.testing.assert_array_equal(result["target_ids"][:, 0], [[B, EOS, 0]] * 2)
+    np.testing.assert_allclose(result["scores"][:, 0], best_score, rtol=1e-5)
+    np.testing.assert_allclose(result["log_probs"][:, 0], best_log_prob, rtol=1e-5)
+    # The runner-up is the greedy path's best completion: A, one of the (equal) fillers, eos.
+    runner_up = result["target_ids"][:, 1]
+    assert (runner_up[:, 0] == A).all() and (runner_up[:, 2] == EOS).all()
+    assert set(runner_up[:, 1].tolist()) <= set(FILLERS)
+    greedy_ids = numpy(greedy(tf.constant(sources)))["target_ids"]
+    np.testing.assert_array_equal(greedy_ids[:, 0], [A, A])
 
 
 def test_nbest_is_sorted_distinct_and_scored_by_the_gnmt_penalty(nbest):
