@@ -21,9 +21,9 @@ sys.path.insert(0, str(REPO_ROOT))  # Run from a checkout: `training` is not ins
 
 import tensorflow as tf  # noqa: E402
 
+from keras_transformer.translation.tokenizer import SubwordTokenizer  # noqa: E402
 from training.corpus import load_corpus  # noqa: E402
 from training.pipeline import make_dataset, padding_efficiency  # noqa: E402
-from training.tokenizer import SubwordTokenizer  # noqa: E402
 from training.vocab import train_vocab  # noqa: E402
 
 

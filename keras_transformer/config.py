@@ -9,6 +9,11 @@ from typing import Any
 
 NORM_PLACEMENTS = ("post", "pre")
 
+# The special ids of every vocabulary this project trains (`training.vocab`) and every model it
+# builds: the one place they are defined. A SentencePiece model with other ids, or a config
+# that disagrees with its vocabulary, is refused where the two meet.
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+
 
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
@@ -56,9 +61,9 @@ class TransformerConfig:
     norm_placement: str = "post"
     share_embeddings: bool = True
     layer_norm_epsilon: float = 1e-6
-    pad_id: int = 0
-    bos_id: int = 2
-    eos_id: int = 3
+    pad_id: int = PAD_ID
+    bos_id: int = BOS_ID
+    eos_id: int = EOS_ID
 
     def __post_init__(self):
         problems = []

@@ -24,9 +24,9 @@ from pathlib import Path
 import tensorflow as tf
 
 from keras_transformer.decoding import beam_search, greedy_search
+from keras_transformer.translation import model_dir as layout
+from keras_transformer.translation.tokenizer import SubwordTokenizer
 from serving.graph_ops import disallowed_ops
-from training import model_dir as layout
-from training.tokenizer import SubwordTokenizer
 
 WARMUP_SENTENCES = (
     "A man in a blue shirt is standing on a ladder.",

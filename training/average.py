@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from training import model_dir as layout
+from keras_transformer.translation import model_dir as layout
 
 
 def select_checkpoints(model_dir, last=None, best=None) -> list[Path]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from training import model_dir as layout
+from keras_transformer.translation import model_dir as layout
 
 
 class ProgressLogger(keras.callbacks.Callback):

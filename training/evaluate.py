@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from training import model_dir as layout
+from keras_transformer.translation import model_dir as layout
 from training.corpus import CorpusError
 
 
@@ -30,9 +30,9 @@ def evaluate(
 ) -> dict:
     import sacrebleu
 
+    from keras_transformer.translation.tokenizer import SubwordTokenizer
+    from keras_transformer.translation.translator import Translator
     from training.corpus import corpus_from_config
-    from training.tokenizer import SubwordTokenizer
-    from training.translate import Translator
 
     model_dir = Path(model_dir)
     model, weights = layout.load_transformer(model_dir, checkpoint)

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
+from keras_transformer.translation.tokenizer import SubwordTokenizer
 from training.corpus import ParallelCorpus
-from training.tokenizer import SubwordTokenizer
 
 DEFAULT_SHUFFLE_BUFFER = 100_000
 DEFAULT_TOKENIZE_BATCH = 1024

@@ -8,7 +8,7 @@ import math
 import sys
 from pathlib import Path
 
-from training import model_dir as layout
+from keras_transformer.translation import model_dir as layout
 from training.corpus import CorpusError
 from training.run_config import (
     ConfigError,
@@ -79,10 +79,10 @@ def train(run_config: dict) -> dict:
         build_transformer,
         transformer_optimizer,
     )
+    from keras_transformer.translation.tokenizer import SubwordTokenizer
     from training import callbacks as cb
     from training.corpus import corpus_from_config
     from training.pipeline import make_dataset
-    from training.tokenizer import SubwordTokenizer
 
     data, opts = run_config["data"], run_config["train"]
     model_dir = Path(opts["model_dir"])
@@ -158,7 +158,7 @@ def train(run_config: dict) -> dict:
         ),
     ]
     if data["dev"] and int(opts["eval_sentences"]) > 0:
-        from training.translate import Translator
+        from keras_transformer.translation.translator import Translator
 
         dev = corpus_from_config(_spec(data["dev"]), data["source_lang"], data["target_lang"])
         count = int(opts["eval_sentences"])

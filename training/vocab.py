@@ -16,10 +16,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from keras_transformer.config import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 from training.corpus import ParallelCorpus, load_corpus
 
-# Fixed so that every model, tokenizer and pipeline in the project agrees without a lookup.
-PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MODEL_TYPES = ("unigram", "bpe")
 
 

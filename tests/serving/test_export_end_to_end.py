@@ -44,9 +44,9 @@ def exported(trained_run, tmp_path_factory):
 @pytest.fixture(scope="module")
 def in_process(trained_run):
     """Translations of the in-memory model through the training code's Translator."""
-    from training import model_dir as layout
-    from training.tokenizer import SubwordTokenizer
-    from training.translate import Translator
+    from keras_transformer.translation import model_dir as layout
+    from keras_transformer.translation.tokenizer import SubwordTokenizer
+    from keras_transformer.translation.translator import Translator
 
     model_dir, sentences = trained_run
     model, _ = layout.load_transformer(model_dir)
@@ -151,8 +151,8 @@ def test_awkward_inputs_give_defined_results(exported):
 
 def test_translation_module_refuses_nothing_in_process(trained_run):
     """The tf.function signatures also run eagerly from Python, without saving."""
-    from training import model_dir as layout
-    from training.tokenizer import SubwordTokenizer
+    from keras_transformer.translation import model_dir as layout
+    from keras_transformer.translation.tokenizer import SubwordTokenizer
 
     model, _ = layout.load_transformer(trained_run[0])
     module = TranslationModule(model, SubwordTokenizer(trained_run[0] / layout.VOCAB))

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from keras_transformer.translation.tokenizer import SubwordTokenizer
 from training.corpus import ParallelCorpus, load_corpus
 from training.pipeline import (
     count_too_long,
@@ -13,7 +14,6 @@ from training.pipeline import (
     make_dataset,
     padding_efficiency,
 )
-from training.tokenizer import SubwordTokenizer
 from training.vocab import train_vocab
 
 BATCH_TOKENS = 2048

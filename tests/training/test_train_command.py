@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training import model_dir as layout
+from keras_transformer.translation import model_dir as layout
 from training.run_config import ConfigError, load_run_config
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -6,8 +6,8 @@ import pytest
 import sentencepiece as spm
 import tensorflow as tf
 
+from keras_transformer.translation.tokenizer import SubwordTokenizer
 from training.corpus import load_corpus
-from training.tokenizer import SubwordTokenizer
 from training.vocab import main, train_vocab
 
 VOCAB_SIZE = 500

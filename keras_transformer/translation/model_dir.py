@@ -6,9 +6,11 @@ import re
 from pathlib import Path
 
 from keras_transformer import TransformerConfig, build_transformer
+from keras_transformer.decoding.settings import DecodeSettings
 
 RUN_CONFIG = "run_config.yaml"
 TRANSFORMER_CONFIG = "transformer_config.json"
+DECODE_SETTINGS = "decode_settings.json"
 VOCAB = "spm.model"
 CHECKPOINTS = "checkpoints"
 BACKUP = "backup"
@@ -70,3 +72,10 @@ def load_transformer(model_dir: str | Path, checkpoint: str = "auto"):
     weights = resolve_weights(model_dir, checkpoint)
     model.load_weights(weights)
     return model, weights
+
+
+def load_decode_settings(model_dir: str | Path) -> DecodeSettings:
+    """The run's decoding (`decode_settings.json`, from the run config's `decode:` section);
+    the paper's defaults for a model directory written before runs stored it."""
+    path = Path(model_dir) / DECODE_SETTINGS
+    return DecodeSettings.from_json(path) if path.is_file() else DecodeSettings()

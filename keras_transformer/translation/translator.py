@@ -17,7 +17,7 @@ class Translator:
 
     Args:
         model: a `keras_transformer.Transformer`.
-        tokenizer: a `training.tokenizer.SubwordTokenizer` with the model's vocabulary.
+        tokenizer: the `SubwordTokenizer` of the model's vocabulary.
         beam_size: 1 for greedy search, else beam search with this many beams.
         length_penalty_alpha: GNMT length penalty of beam search.
         extra_length: hypotheses may be this much longer than their source.
