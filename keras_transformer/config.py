@@ -15,6 +15,16 @@ NORM_PLACEMENTS = ("post", "pre")
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
 
+def check_known_fields(cls, values: dict[str, Any]) -> None:
+    """Refuses keys of `values` that are not fields of the dataclass `cls`, naming them."""
+    known = {field.name for field in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(
+            f"Unknown {cls.__name__} field(s) {unknown}; known fields: {sorted(known)}"
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
     """Hyper-parameters of an encoder-decoder Transformer (Vaswani et al., 2017).
@@ -133,12 +143,7 @@ class TransformerConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TransformerConfig:
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(
-                f"Unknown TransformerConfig field(s) {unknown}; known fields: {sorted(known)}"
-            )
+        check_known_fields(cls, values)
         return cls(**values)
 
     def to_json(self, path: str | Path | None = None) -> str:

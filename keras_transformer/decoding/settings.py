@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from keras_transformer.config import check_known_fields
+
 
 @dataclasses.dataclass(frozen=True)
 class DecodeSettings:
@@ -67,10 +69,7 @@ class DecodeSettings:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> DecodeSettings:
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"Unknown DecodeSettings field(s) {unknown}; known: {sorted(known)}")
+        check_known_fields(cls, values)
         return cls(**values)
 
     def to_json(self, path: str | Path) -> None:
