@@ -3,6 +3,11 @@
 import keras
 from keras import ops
 
+# Keras 3 has no public setter for the mask that `keras.losses.Loss.__call__` reads from the
+# per-token losses (its own layers use this one). Imported at module level so that a Keras
+# release that moves it fails at import, not by silently averaging over padding.
+from keras.src.backend import set_keras_mask
+
 
 def label_smoothed_token_losses(labels, logits, label_smoothing=0.1):
     """Per-token cross-entropy against `(1 - eps) * one_hot + eps / vocab`, shape `[batch, length]`.
@@ -22,47 +27,55 @@ def label_smoothed_token_losses(labels, logits, label_smoothing=0.1):
 
 @keras.saving.register_keras_serializable(package="keras_transformer")
 class MaskedLabelSmoothingLoss(keras.losses.Loss):
-    """Mean label-smoothed cross-entropy over the non-padding target tokens of a batch.
+    """Label-smoothed cross-entropy over the non-padding target tokens.
 
-    The mean is over real tokens, not over `batch * length`, so a batch with more padding does
-    not get a smaller loss. `sample_weight` (`[batch]` or `[batch, length]`) multiplies tokens.
+    `call` returns the per-token losses `[batch, length]` and attaches the mask
+    `y_true != pad_id` to them; Keras' own reduction then drops the padding. With the default
+    `reduction="sum_over_batch_size"` the result is the mean over real tokens,
+    `sum(loss * sample_weight * mask) / sum(mask)`, not over `batch * length`, so a batch with
+    more padding does not get a smaller loss. Going through `keras.losses.Loss.__call__` (rather
+    than reducing here) also keeps Keras' scaling of the loss by the number of replicas under
+    `tf.distribute`, and the float32 computation under a mixed-precision policy.
+
+    The other reductions mean, for real tokens only: `"sum"` their sum; `"none"` the per-token
+    losses with 0 at padding; `"mean_with_sample_weight"` the `sample_weight`-weighted mean
+    `sum(loss * sample_weight * mask) / sum(sample_weight * mask)`.
 
     Args:
         label_smoothing: `eps_ls`, 0.1 in the paper.
         pad_id: label id to ignore.
+        reduction: a Keras loss reduction; see above.
 
     Call arguments:
         y_true: int labels `[batch, length]`.
         y_pred: logits `[batch, length, vocab]`.
+        sample_weight: optional, `[batch, 1]` or `[batch, length]`; multiplies the token losses.
 
     Returns:
-        A scalar.
+        A float32 scalar (or `[batch, length]` with `reduction="none"`).
     """
 
     def __init__(
-        self, label_smoothing=0.1, pad_id=0, name="label_smoothed_cross_entropy", **kwargs
+        self,
+        label_smoothing=0.1,
+        pad_id=0,
+        reduction="sum_over_batch_size",
+        name="label_smoothed_cross_entropy",
+        **kwargs,
     ):
-        super().__init__(name=name, reduction="sum", **kwargs)
+        super().__init__(name=name, reduction=reduction, **kwargs)
         self.label_smoothing = float(label_smoothing)
         self.pad_id = int(pad_id)
 
     def call(self, y_true, y_pred):
+        # `Loss.__call__` has converted `y_true` to the loss dtype (float32: ids are exact up
+        # to 2**24); `label_smoothed_token_losses` casts them back to int32.
         losses = label_smoothed_token_losses(y_true, y_pred, self.label_smoothing)
-        return losses * ops.cast(ops.not_equal(y_true, self.pad_id), losses.dtype)
-
-    def __call__(self, y_true, y_pred, sample_weight=None):
-        weights = ops.cast(ops.not_equal(y_true, self.pad_id), "float32")
-        if sample_weight is not None:
-            sample_weight = ops.cast(sample_weight, "float32")
-            if len(sample_weight.shape) == 1:
-                sample_weight = sample_weight[:, None]
-            weights = weights * sample_weight
-        losses = label_smoothed_token_losses(y_true, y_pred, self.label_smoothing)
-        return ops.sum(losses * weights) / ops.maximum(ops.sum(weights), 1.0)
+        set_keras_mask(losses, ops.not_equal(ops.cast(y_true, "int32"), self.pad_id))
+        return losses
 
     def get_config(self):
         config = super().get_config()
-        config.pop("reduction", None)
         config.update(label_smoothing=self.label_smoothing, pad_id=self.pad_id)
         return config
 

@@ -36,10 +36,84 @@ def test_loss_matches_one_hot_formula_and_ignores_padding(epsilon):
     assert float(loss(wider_labels, wider_logits)) == pytest.approx(value, rel=1e-5)
 
 
+def _padded_batch(seed=0):
+    """Logits `[4, 6, 11]` and labels with 6, 3, 1 and 4 real tokens (pad id 0)."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(4, 6, 11)).astype("float32") * 3.0
+    labels = rng.integers(1, 11, (4, 6))
+    for row, length in enumerate([6, 3, 1, 4]):
+        labels[row, length:] = 0
+    return labels, logits
+
+
+def _identity_logits_model(vocab):
+    """Returns its input as logits through one trainable layer, so `fit` has weights to update."""
+    inputs = keras.Input((None, vocab))
+    outputs = keras.layers.Dense(vocab, kernel_initializer="identity", name="logits")(inputs)
+    return keras.Model(inputs, outputs)
+
+
+@pytest.mark.parametrize("epsilon", [0.0, 0.1])
+def test_compile_fit_and_evaluate_report_the_formula(epsilon):
+    labels, logits = _padded_batch()
+    expected = _reference_loss(labels, logits, epsilon)
+    model = _identity_logits_model(logits.shape[-1])
+    model.compile(optimizer="sgd", loss=MaskedLabelSmoothingLoss(label_smoothing=epsilon))
+    assert model.evaluate(logits, labels, batch_size=4, verbose=0) == pytest.approx(
+        expected, rel=1e-6
+    )
+    # One batch, one step: `fit` reports the loss of the weights before the update.
+    history = model.fit(logits, labels, batch_size=4, epochs=1, verbose=0).history
+    assert history["loss"] == [pytest.approx(expected, rel=1e-6)]
+
+
+def test_reductions_and_sample_weight_count_only_real_tokens():
+    labels, logits = _padded_batch()
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    token_losses = -log_probs[np.arange(4)[:, None], np.arange(6), labels]
+    mask = labels != 0
+    row_weights = np.array([[1.0], [2.0], [0.0], [0.5]])
+    weights = row_weights * mask
+
+    def loss(reduction, **kwargs):
+        fn = MaskedLabelSmoothingLoss(label_smoothing=0.0, reduction=reduction)
+        return keras.ops.convert_to_numpy(fn(labels, logits, **kwargs))
+
+    np.testing.assert_allclose(loss("none"), token_losses * mask, rtol=1e-6)
+    assert float(loss("sum")) == pytest.approx((token_losses * mask).sum(), rel=1e-6)
+    sample_weight = {"sample_weight": row_weights}
+    # Keras' convention: sample weights multiply token losses; the mean is over real tokens.
+    assert float(loss("sum_over_batch_size", **sample_weight)) == pytest.approx(
+        (token_losses * weights).sum() / mask.sum(), rel=1e-6
+    )
+    assert float(loss("mean_with_sample_weight", **sample_weight)) == pytest.approx(
+        (token_losses * weights).sum() / weights.sum(), rel=1e-6
+    )
+
+
+def test_loss_is_float32_under_mixed_bfloat16():
+    labels, logits = _padded_batch()
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = _identity_logits_model(logits.shape[-1])
+        bf16_logits = model(logits)
+        assert bf16_logits.dtype == "bfloat16"
+        loss = MaskedLabelSmoothingLoss(label_smoothing=0.1)
+        value = loss(labels, bf16_logits)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert value.dtype == "float32"
+    # The formula on the bf16-rounded logits, to float32 precision (a bf16 sum is off by ~1e-2).
+    rounded = keras.ops.convert_to_numpy(keras.ops.cast(bf16_logits, "float32"))
+    assert float(value) == pytest.approx(_reference_loss(labels, rounded, 0.1), rel=1e-6)
+
+
 def test_loss_config_round_trip():
-    loss = MaskedLabelSmoothingLoss(label_smoothing=0.2, pad_id=5)
+    loss = MaskedLabelSmoothingLoss(label_smoothing=0.2, pad_id=5, reduction="sum")
     restored = keras.losses.deserialize(keras.losses.serialize(loss))
-    assert (restored.label_smoothing, restored.pad_id) == (0.2, 5)
+    assert type(restored) is MaskedLabelSmoothingLoss
+    assert (restored.label_smoothing, restored.pad_id, restored.reduction) == (0.2, 5, "sum")
+    assert restored.get_config() == loss.get_config()
 
 
 def test_token_accuracy_counts_only_real_tokens():
