@@ -12,6 +12,14 @@ import numpy as np
 from keras_transformer.translation import model_dir as layout
 
 
+def _positive_steps(name, value):
+    """An interval in steps; 0 would divide by zero at the first batch, so it is refused here
+    (the run config turns dev evaluation off by not creating its callback)."""
+    if isinstance(value, bool) or int(value) != value or value < 1:
+        raise ValueError(f"{name} must be a positive number of steps, got {value!r}")
+    return int(value)
+
+
 class ProgressLogger(keras.callbacks.Callback):
     """Prints step, loss, accuracy, learning rate, target tokens/s and ETA every N steps.
 
@@ -20,7 +28,7 @@ class ProgressLogger(keras.callbacks.Callback):
 
     def __init__(self, every_steps, max_steps, max_seconds=None, elapsed_before=0.0):
         super().__init__()
-        self.every_steps = int(every_steps)
+        self.every_steps = _positive_steps("every_steps", every_steps)
         self.max_steps = int(max_steps)
         self.max_seconds = max_seconds
         self.elapsed_before = float(elapsed_before)
@@ -75,7 +83,7 @@ class StepCheckpoints(keras.callbacks.Callback):
     def __init__(self, model_dir, every_steps, keep=10):
         super().__init__()
         self.model_dir = Path(model_dir)
-        self.every_steps = int(every_steps)
+        self.every_steps = _positive_steps("every_steps", every_steps)
         self.keep = int(keep)
 
     def on_train_batch_end(self, batch, logs=None):
@@ -92,8 +100,10 @@ class StepCheckpoints(keras.callbacks.Callback):
 
 
 class BleuEvaluator(keras.callbacks.Callback):
-    """Every N steps: greedy-decodes dev sentences, scores sacreBLEU, keeps the best weights.
+    """Every N steps: translates dev sentences, scores sacreBLEU, keeps the best weights.
 
+    `translator_factory(model)` gives the object whose `translate(sentences)` decodes them
+    (`training.train` passes a greedy `Translator`); it is made at the first evaluation.
     Appends `{"step", "bleu", "signature"}` to `bleu_history.jsonl`, saves `best.weights.h5`
     when BLEU improves, and stops training after `patience` evaluations without a gain.
     """
@@ -106,7 +116,7 @@ class BleuEvaluator(keras.callbacks.Callback):
         self.translator_factory = translator_factory
         self.sources = list(sources)
         self.references = list(references)
-        self.every_steps = int(every_steps)
+        self.every_steps = _positive_steps("every_steps", every_steps)
         self.patience = patience
         self.history_path = self.model_dir / layout.EVAL_HISTORY
         history = self.history()
@@ -173,7 +183,7 @@ class TrainingBudget(keras.callbacks.Callback):
         self.path = Path(model_dir) / "train_clock.json"
         self.max_steps = int(max_steps)
         self.max_seconds = max_seconds
-        self.save_every_steps = int(save_every_steps)
+        self.save_every_steps = _positive_steps("save_every_steps", save_every_steps)
         self.elapsed_before = self.load()
 
     def load(self):

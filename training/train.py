@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -10,12 +11,7 @@ from pathlib import Path
 
 from keras_transformer.translation import model_dir as layout
 from training.corpus import CorpusError
-from training.run_config import (
-    ConfigError,
-    dump_run_config,
-    load_run_config,
-    transformer_config,
-)
+from training.run_config import ConfigError, RunConfig, dump_run_config, load_run_config
 
 
 def _spec(corpus) -> dict:
@@ -23,32 +19,41 @@ def _spec(corpus) -> dict:
     return {"spec": corpus} if isinstance(corpus, str) else dict(corpus)
 
 
-def _prepare_vocab(run_config, model_dir: Path, train_corpus):
+def _prepare_vocab(run_config: RunConfig, model_dir: Path, train_corpus) -> Path:
     """The run's SentencePiece model, in the model dir: copied from data.vocab or trained."""
     from training.vocab import train_vocab
 
     target = model_dir / layout.VOCAB
-    data = run_config["data"]
+    data = run_config.data
     if target.is_file():
         return target
-    if data["vocab"]:
-        source = Path(data["vocab"])
+    if data.vocab:
+        source = Path(data.vocab)
         if not source.is_file():
             raise ConfigError(f"data.vocab {source} does not exist")
         target.write_bytes(source.read_bytes())
         return target
-    print(
-        f"training a {data['vocab_size']}-piece {data['vocab_model_type']} vocabulary", flush=True
-    )
+    print(f"training a {data.vocab_size}-piece {data.vocab_model_type} vocabulary", flush=True)
     train_vocab(
         train_corpus,
         str(target.with_suffix("")),
-        vocab_size=data["vocab_size"],
-        model_type=data["vocab_model_type"],
-        sample_size=data["vocab_sample_size"],
-        seed=run_config["train"]["seed"],
+        vocab_size=data.vocab_size,
+        model_type=data.vocab_model_type,
+        sample_size=data.vocab_sample_size,
+        seed=run_config.train.seed,
     )
     return target
+
+
+def _check_special_ids(config, tokenizer) -> None:
+    """The model's pad/bos/eos ids are the vocabulary's: decoding stops at the model's eos_id."""
+    for name in ("pad_id", "bos_id", "eos_id"):
+        model_id, vocab_id = getattr(config, name), getattr(tokenizer, name)
+        if model_id != vocab_id:
+            raise ConfigError(
+                f"model.{name} is {model_id} but the vocabulary {tokenizer.model_path} has "
+                f"{name} {vocab_id}; remove model.{name} from the config"
+            )
 
 
 def _check_same_model(path: Path, config) -> None:
@@ -69,7 +74,7 @@ def _check_same_model(path: Path, config) -> None:
             )
 
 
-def train(run_config: dict) -> dict:
+def train(run_config: RunConfig) -> dict:
     import keras
     import tensorflow as tf
 
@@ -84,109 +89,108 @@ def train(run_config: dict) -> dict:
     from training.corpus import corpus_from_config
     from training.pipeline import make_dataset
 
-    data, opts = run_config["data"], run_config["train"]
-    model_dir = Path(opts["model_dir"])
+    data, opts = run_config.data, run_config.train
+    model_dir = Path(opts.model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
-    keras.utils.set_random_seed(opts["seed"])
-    if opts["mixed_precision"]:
-        keras.mixed_precision.set_global_policy(opts["mixed_precision"])
+    keras.utils.set_random_seed(opts.seed)
+    if opts.mixed_precision:
+        keras.mixed_precision.set_global_policy(opts.mixed_precision)
 
-    train_corpus = corpus_from_config(
-        _spec(data["train"]), data["source_lang"], data["target_lang"]
-    )
+    train_corpus = corpus_from_config(_spec(data.train), data.source_lang, data.target_lang)
     print(f"train corpus: {train_corpus.report()}", flush=True)
     tokenizer = SubwordTokenizer(_prepare_vocab(run_config, model_dir, train_corpus))
-    config = transformer_config(run_config, vocab_size=tokenizer.vocab_size)
+    config = run_config.transformer_config(vocab_size=tokenizer.vocab_size)
+    _check_special_ids(config, tokenizer)
     _check_same_model(model_dir / layout.TRANSFORMER_CONFIG, config)
     config.to_json(model_dir / layout.TRANSFORMER_CONFIG)
+    run_config.decode.to_json(model_dir / layout.DECODE_SETTINGS)
     dump_run_config(run_config, model_dir / layout.RUN_CONFIG)
 
-    max_length = min(int(data["max_length"]), config.max_length)
     dataset = make_dataset(
         train_corpus,
         tokenizer,
-        batch_tokens=int(data["batch_tokens"]),
-        max_length=max_length,
+        batch_tokens=data.batch_tokens,
+        max_length=data.max_length,
         shuffle=True,
-        shuffle_buffer=int(data["shuffle_buffer"]),
+        shuffle_buffer=data.shuffle_buffer,
         repeat=True,
-        seed=opts["seed"],
-        cache=data["cache"],
+        seed=opts.seed,
+        cache=data.cache,
     )
 
     strategy = (
         tf.distribute.MirroredStrategy()
-        if opts["strategy"] == "mirrored"
+        if opts.strategy == "mirrored"
         else tf.distribute.get_strategy()
     )
     with strategy.scope():
         model = build_transformer(config)
         optimizer = transformer_optimizer(
             config.d_model,
-            warmup_steps=int(opts["warmup_steps"]),
-            scale=float(opts["learning_rate_scale"]),
+            warmup_steps=opts.warmup_steps,
+            scale=opts.learning_rate_scale,
             gradient_accumulation_steps=(
-                int(opts["gradient_accumulation_steps"])
-                if int(opts["gradient_accumulation_steps"]) > 1
-                else None
+                opts.gradient_accumulation_steps if opts.gradient_accumulation_steps > 1 else None
             ),
         )
         model.compile(
             optimizer=optimizer,
             loss=MaskedLabelSmoothingLoss(config.label_smoothing, pad_id=config.pad_id),
             metrics=[MaskedTokenAccuracy(pad_id=config.pad_id), cb.TokenCount(config.pad_id)],
-            jit_compile=opts["jit_compile"],
+            jit_compile=opts.jit_compile,
         )
 
-    save_every = int(opts["save_every_steps"])
-    max_steps = int(opts["max_steps"])
-    max_seconds = None if opts["max_minutes"] is None else float(opts["max_minutes"]) * 60
-    budget = cb.TrainingBudget(model_dir, max_steps, max_seconds, save_every)
-    callbacks = [
-        # First: later callbacks read the restored step in on_train_begin.
-        keras.callbacks.BackupAndRestore(
+    max_seconds = None if opts.max_minutes is None else opts.max_minutes * 60
+    budget = cb.TrainingBudget(model_dir, opts.max_steps, max_seconds, opts.save_every_steps)
+    # Keras runs callbacks in this (insertion) order. BackupAndRestore is first: the others
+    # read the restored step in on_train_begin.
+    callbacks = {
+        "backup": keras.callbacks.BackupAndRestore(
             str(model_dir / layout.BACKUP),
-            save_freq=save_every,
+            save_freq=opts.save_every_steps,
             double_checkpoint=True,
             delete_checkpoint=False,
         ),
-        budget,
-        cb.ProgressLogger(opts["log_every_steps"], max_steps, max_seconds, budget.elapsed_before),
-        cb.StepCheckpoints(model_dir, save_every, keep=int(opts["keep_checkpoints"])),
-        keras.callbacks.TensorBoard(
-            str(model_dir / layout.LOGS), update_freq=int(opts["log_every_steps"])
+        "budget": budget,
+        "progress": cb.ProgressLogger(
+            opts.log_every_steps, opts.max_steps, max_seconds, budget.elapsed_before
         ),
-    ]
-    if data["dev"] and int(opts["eval_sentences"]) > 0:
+        "checkpoints": cb.StepCheckpoints(
+            model_dir, opts.save_every_steps, keep=opts.keep_checkpoints
+        ),
+        "tensorboard": keras.callbacks.TensorBoard(
+            str(model_dir / layout.LOGS), update_freq=opts.log_every_steps
+        ),
+    }
+    if run_config.dev_evaluation:
         from keras_transformer.translation.translator import Translator
 
-        dev = corpus_from_config(_spec(data["dev"]), data["source_lang"], data["target_lang"])
-        count = int(opts["eval_sentences"])
-        callbacks.append(
-            cb.BleuEvaluator(
-                model_dir,
-                lambda m: Translator(
-                    m, tokenizer, beam_size=1, batch_size=int(opts["eval_batch_size"])
-                ),
-                dev.sources[:count],
-                dev.targets[:count],
-                every_steps=int(opts["eval_every_steps"]),
-                patience=opts["early_stopping_patience"],
-            )
+        dev = corpus_from_config(_spec(data.dev), data.source_lang, data.target_lang)
+        # Greedy, so evaluation stays cheap; the rest (extra_length, ...) as the run decodes.
+        # nbest is reset: a decode.nbest above 1 does not fit one beam.
+        settings = dataclasses.replace(
+            run_config.decode, beam_size=1, nbest=None, batch_size=opts.eval_batch_size
+        )
+        callbacks["dev_bleu"] = cb.BleuEvaluator(
+            model_dir,
+            lambda trained: Translator(trained, tokenizer, settings),
+            dev.sources[: opts.eval_sentences],
+            dev.targets[: opts.eval_sentences],
+            every_steps=opts.eval_every_steps,
+            patience=opts.early_stopping_patience,
         )
 
-    steps_per_epoch = int(opts["steps_per_epoch"])
     model.fit(
         dataset,
-        epochs=math.ceil(max_steps / steps_per_epoch),
-        steps_per_epoch=steps_per_epoch,
-        callbacks=callbacks,
+        epochs=math.ceil(opts.max_steps / opts.steps_per_epoch),
+        steps_per_epoch=opts.steps_per_epoch,
+        callbacks=list(callbacks.values()),
         verbose=0,
     )
     step = int(model.optimizer.iterations.numpy())
     model.save_weights(model_dir / layout.FINAL)
-    if step % save_every:
-        callbacks[3].save(step)
+    if step % opts.save_every_steps:
+        callbacks["checkpoints"].save(step)
     summary = {
         "model_dir": str(model_dir),
         "steps": step,

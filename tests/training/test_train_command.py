@@ -1,7 +1,11 @@
-"""The training commands end to end on a tiny run: config layering, kill + resume, averaging."""
+"""The training commands end to end on a tiny run: kill + resume, averaging, evaluation.
+
+The run config's own checks are in test_run_config.py.
+"""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,60 +16,41 @@ import numpy as np
 import pytest
 
 from keras_transformer.translation import model_dir as layout
-from training.run_config import ConfigError, load_run_config
+from training.run_config import load_run_config
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "training" / "configs" / "tiny.yaml"
 
 
-def test_later_files_and_set_override_earlier_ones(tmp_path):
-    extra = tmp_path / "extra.yaml"
-    extra.write_text("train:\n  max_steps: 7\nmodel:\n  d_model: 16\n")
-    config = load_run_config([TINY, extra], ["train.max_steps=9", "data.batch_tokens=1e3"])
-    assert config["train"]["max_steps"] == 9
-    assert config["data"]["batch_tokens"] == 1000.0
-    assert config["model"] == {"preset": "tiny", "max_length": 64, "d_model": 16}
-    assert config["train"]["warmup_steps"] == 20  # from tiny.yaml, untouched
-
-
-@pytest.mark.parametrize(
-    "overrides, message",
-    [
-        (["train.max_stepz=3"], "Unknown config key 'train.max_stepz'"),
-        (["max_steps=3"], "--set expects section.key=value"),
-        (["model.d_model=30"], "divisible by num_heads"),
-    ],
-)
-def test_bad_configs_name_the_key(overrides, message):
-    with pytest.raises(ConfigError, match=message):
-        load_run_config([TINY], overrides)
-
-
-def _train_command(model_dir, *overrides):
+def _overrides(model_dir, *extra):
     return [
-        sys.executable,
-        "-m",
-        "training.train",
-        "--config",
-        str(TINY),
-        "--set",
         f"train.model_dir={model_dir}",
-        "--set",
         "train.max_steps=60",
-        "--set",
         "train.steps_per_epoch=15",
-        *[arg for item in overrides for arg in ("--set", item)],
+        *extra,
     ]
+
+
+def _train_command(model_dir, *extra):
+    sets = [arg for item in _overrides(model_dir, *extra) for arg in ("--set", item)]
+    return [sys.executable, "-m", "training.train", "--config", str(TINY), *sets]
 
 
 @pytest.fixture(scope="module")
 def resumed_run(tmp_path_factory):
-    """Starts a tiny run, SIGKILLs it after its step-20 save, and runs the command again."""
+    """Starts a tiny run, SIGKILLs it after its step-20 save, and runs the command again.
+
+    The first run has dev evaluation off (`eval_every_steps=0`, which once crashed at the first
+    batch); the resumed one evaluates every 30 steps.
+    """
     model_dir = tmp_path_factory.mktemp("run") / "tiny"
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT))
-    command = _train_command(model_dir, "train.eval_every_steps=30")
     first = subprocess.Popen(
-        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        _train_command(model_dir, "train.eval_every_steps=0"),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     target = layout.step_checkpoint(model_dir, 20)
     deadline = time.monotonic() + 300
@@ -74,6 +59,7 @@ def resumed_run(tmp_path_factory):
     first.send_signal(signal.SIGKILL)
     first_output = first.communicate()[0].decode()
     assert target.exists(), first_output[-3000:]
+    command = _train_command(model_dir, "train.eval_every_steps=30")
     second = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     return model_dir, first_output, second.stdout
@@ -99,6 +85,30 @@ def test_killed_run_resumes_from_its_last_save(resumed_run):
     assert [entry["step"] for entry in history][-1] == 60
     assert "tok:13a" in history[-1]["signature"]
     assert (model_dir / layout.BEST).is_file()
+    assert "dev BLEU" not in first_output and "step      20/60" in first_output
+
+
+def test_the_run_writes_its_config_and_decode_settings(resumed_run):
+    model_dir = resumed_run[0]
+    written = load_run_config([model_dir / layout.RUN_CONFIG])
+    assert written == load_run_config([TINY], _overrides(model_dir, "train.eval_every_steps=30"))
+    assert layout.load_decode_settings(model_dir) == written.decode
+    assert (model_dir / layout.DECODE_SETTINGS).is_file()
+
+
+def test_special_ids_that_disagree_with_the_vocabulary_are_refused(resumed_run):
+    result = subprocess.run(
+        _train_command(resumed_run[0], "model.eos_id=5"),
+        cwd=ROOT,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    error = result.stderr.strip().splitlines()[-1].replace(str(resumed_run[0]), "MODEL_DIR")
+    # Both values: the config's 5 and the vocabulary's 3.
+    assert "eos_id" in error and re.search(r"\b5\b", error) and re.search(r"\b3\b", error), error
 
 
 def test_resuming_with_another_model_is_refused(resumed_run, tmp_path):
