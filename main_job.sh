@@ -19,8 +19,9 @@ PY=.venv/bin/python
 $PY -m training.train --config "$CONFIG" \
   --set train.model_dir="$MODEL_DIR" --set train.max_minutes="$MAX_MINUTES"
 $PY -m training.average --model-dir "$MODEL_DIR" --last "${AVERAGE_LAST:-5}"
+# evaluate and export decode as the config's decode: section says (MODEL_DIR/decode_settings.json).
 $PY -m training.evaluate --model-dir "$MODEL_DIR" --corpus text:../shared/data/multi30k/test_2016_flickr \
-  --source-lang en --target-lang de --beam-size 4 | tee "$MODEL_DIR/test_2016_flickr.json"
+  --source-lang en --target-lang de | tee "$MODEL_DIR/test_2016_flickr.json"
 
 VERSION=$(date +%s)
 $PY -m serving.export --model-dir "$MODEL_DIR" --output "$EXPORT_BASE/transformer/$VERSION"

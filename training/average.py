@@ -17,11 +17,14 @@ from keras_transformer.translation import model_dir as layout
 
 def select_checkpoints(model_dir, last=None, best=None) -> list[Path]:
     """The last N step checkpoints, or the N with the best dev BLEU in `bleu_history.jsonl`."""
+    for name, count in (("--last", last), ("--best", best)):
+        if count is not None and count < 1:
+            raise ValueError(f"{name} must be a positive number of checkpoints, got {count}")
     model_dir = Path(model_dir)
     steps = layout.list_step_checkpoints(model_dir)
     if not steps:
         raise FileNotFoundError(f"No step checkpoints in {model_dir / layout.CHECKPOINTS}")
-    if best:
+    if best is not None:
         history = model_dir / layout.EVAL_HISTORY
         scores = {}
         if history.is_file():
@@ -35,7 +38,7 @@ def select_checkpoints(model_dir, last=None, best=None) -> list[Path]:
                 f"(steps with BLEU and a kept checkpoint: {sorted(s for _, s, _ in scored)})"
             )
         return [path for _, _, path in sorted(scored, reverse=True)[:best]]
-    count = last or 5
+    count = 5 if last is None else last
     if len(steps) < count:
         raise ValueError(f"--last {count} asks for more checkpoints than the {len(steps)} kept")
     return [path for _, path in steps[-count:]]

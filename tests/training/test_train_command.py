@@ -141,6 +141,8 @@ def test_average_of_the_last_checkpoints_is_their_mean(resumed_run):
     assert layout.resolve_weights(model_dir) == output
     with pytest.raises(ValueError, match="--last 99 asks for more checkpoints than the"):
         select_checkpoints(model_dir, last=99)
+    with pytest.raises(ValueError, match="--last must be a positive number of checkpoints, got 0"):
+        select_checkpoints(model_dir, last=0)
 
 
 def test_evaluate_prints_bleu_with_signature_and_chrf(resumed_run, tmp_path, shared_data_dir):
