@@ -1,5 +1,11 @@
 """Label-smoothed loss, token accuracy and the §5.3 schedule against direct formulas."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import keras
 import numpy as np
 import pytest
@@ -36,12 +42,12 @@ def test_loss_matches_one_hot_formula_and_ignores_padding(epsilon):
     assert float(loss(wider_labels, wider_logits)) == pytest.approx(value, rel=1e-5)
 
 
-def _padded_batch(seed=0):
-    """Logits `[4, 6, 11]` and labels with 6, 3, 1 and 4 real tokens (pad id 0)."""
+def _padded_batch(lengths=(6, 3, 1, 4), seed=0):
+    """Logits `[4, 6, 11]` and labels with `lengths` real tokens per row (pad id 0)."""
     rng = np.random.default_rng(seed)
     logits = rng.normal(size=(4, 6, 11)).astype("float32") * 3.0
     labels = rng.integers(1, 11, (4, 6))
-    for row, length in enumerate([6, 3, 1, 4]):
+    for row, length in enumerate(lengths):
         labels[row, length:] = 0
     return labels, logits
 
@@ -134,3 +140,54 @@ def test_schedule_follows_the_paper():
     assert rate(16000) == pytest.approx(512**-0.5 * 16000**-0.5)
     assert rate(2000) < rate(4000) > rate(8000)
     assert TransformerSchedule(**schedule.get_config()).get_config() == schedule.get_config()
+
+
+MIRRORED_SCRIPT = r"""
+import json, sys
+import numpy as np
+import tensorflow as tf
+
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
+from keras_transformer import MaskedLabelSmoothingLoss
+
+batch = json.loads(sys.argv[1])
+logits, labels = np.array(batch["logits"], "float32"), np.array(batch["labels"])
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+with strategy.scope():
+    inputs = keras.Input((None, logits.shape[-1]))
+    outputs = keras.layers.Dense(logits.shape[-1], kernel_initializer="identity")(inputs)
+    model = keras.Model(inputs, outputs)
+    model.compile(optimizer="sgd", loss=MaskedLabelSmoothingLoss(label_smoothing=0.1))
+evaluated = model.evaluate(logits, labels, batch_size=4, verbose=0)
+fitted = model.fit(logits, labels, batch_size=4, shuffle=False, verbose=0).history["loss"][0]
+print(json.dumps({"replicas": strategy.num_replicas_in_sync, "evaluate": evaluated,
+                  "fit": fitted}))
+"""
+
+
+@pytest.mark.skipif(keras.config.backend() != "tensorflow", reason="tf.distribute only")
+def test_mirrored_strategy_reports_the_formula():
+    """Under `tf.distribute` Keras divides each replica's loss by the number of replicas before
+    summing gradients; a loss that reduces by itself outside `Loss.__call__` misses that scaling
+    and reports (and trains on) the loss times the number of replicas."""
+    # 8 real tokens on each replica, so the mean of the replicas' means is the global mean.
+    labels, logits = _padded_batch(lengths=(6, 2, 3, 5))
+    batch = json.dumps({"logits": logits.tolist(), "labels": labels.tolist()})
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=str(root), TF_CPP_MIN_LOG_LEVEL="2")
+    result = subprocess.run(
+        [sys.executable, "-c", MIRRORED_SCRIPT, batch],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    expected = _reference_loss(labels, logits, 0.1)
+    assert report["replicas"] == 2
+    assert report["evaluate"] == pytest.approx(expected, rel=1e-6)
+    assert report["fit"] == pytest.approx(expected, rel=1e-6)
