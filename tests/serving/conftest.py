@@ -1,36 +1,31 @@
 """Fixtures serving SavedModels over TF Serving's gRPC API: the real server when installed.
 
 `serve_models(config)` starts `tensorflow_model_server` if it is on PATH, else the devserver, and
-returns a handle with `.address`; SERVING_TEST_SERVER=devserver|tensorflow_model_server forces one.
+returns a handle with `.address`; SERVING_TEST_SERVER=devserver|tensorflow_model_server forces one
+(see model_server.py).
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 
 import pytest
-from fake_model import MAX_BATCH_SIZE, WARMUP_TEXTS, write_fake_model
+from fake_model import WARMUP_TEXTS, write_fake_model
+from model_server import start_model_server
 
-from serving import devserver
 from serving.model_config import make_model_server_config
-
-SERVER_KIND = os.environ.get("SERVING_TEST_SERVER", "auto")
-
-
-def start(model_config, **kwargs):
-    """Starts the server the environment asks for; see `serving.devserver.start_model_server`."""
-    kwargs.setdefault("max_batch_size", MAX_BATCH_SIZE)
-    return devserver.start_model_server(model_config, prefer=SERVER_KIND, **kwargs)
 
 
 @pytest.fixture
 def serve_models():
-    """Factory `serve_models(config_or_path, **kwargs)` -> a server, stopped after the test."""
+    """Factory `serve_models(config_or_path, **kwargs)` -> a server, stopped after the test.
+
+    The keyword arguments are `model_server.start_model_server`'s.
+    """
     servers = []
 
     def serve(model_config, **kwargs):
-        server = start(model_config, **kwargs)
+        server = start_model_server(model_config, **kwargs)
         servers.append(server)
         return server
 
@@ -61,6 +56,6 @@ def model_server(fake_export):
         versions={"labelled": [1, 2]},
         labels={"labelled": {"stable": 1, "canary": 2}},
     )
-    server = start(config)
+    server = start_model_server(config)
     yield server
     server.stop()

@@ -14,8 +14,6 @@ from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 TRUNCATE_BYTES = 40
 # What the serving tests write and configure; here because test modules cannot import conftest.
 WARMUP_TEXTS = ["warmup one", "warmup two", "warmup three"]
-# Small, so that the batch cap is cheap to exceed in tests.
-MAX_BATCH_SIZE = 16
 
 
 def fake_translate(text: str) -> str:

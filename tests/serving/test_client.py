@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import io
-import socket
 import threading
 import time
 
 import pytest
-from fake_model import MAX_BATCH_SIZE, fake_translate
+from fake_model import fake_translate
+from model_server import MAX_BATCH_SIZE, free_port
 
 from serving import client as client_lib
 from serving import devserver
@@ -25,12 +25,6 @@ from serving.model_config import make_model_server_config
 def call_count(address: str) -> int:
     with TranslationClient(address) as client:
         return int(client.predict({"text": ["x"]}, signature="call_count")["count"][0])
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_translate_splits_lines_into_batches_in_order(model_server):

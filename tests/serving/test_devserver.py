@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,8 @@ import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
-from fake_model import MAX_BATCH_SIZE, WARMUP_TEXTS, fake_translate
+from fake_model import WARMUP_TEXTS, fake_translate
+from model_server import MAX_BATCH_SIZE, REPO, free_port
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from serving import devserver
@@ -25,8 +25,6 @@ from serving.model_config import (
     read_model_server_config,
     select_versions,
 )
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture
@@ -230,9 +228,7 @@ def test_devserver_command_serves_the_production_config(fake_export):
     The client connects while the server is still loading, which exercises its retries on
     UNAVAILABLE; importing TensorFlow in both processes in parallel keeps the test short.
     """
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2")
     server = subprocess.Popen(
         [

@@ -1,0 +1,100 @@
+"""The `python -m serving.devserver` command: serve a models.config (or one model folder) until
+interrupted; its flags are named as tensorflow_model_server's where they mean the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+from serving import model_config as model_config_lib
+from serving.devserver.server import start_server
+
+
+def _parse_override(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=DIR, got {text!r}")
+    return name, path
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m serving.devserver",
+        description=(
+            "Development stand-in for TensorFlow Serving: serves the models of a models.config "
+            "over TF Serving's gRPC API (PredictionService.Predict/GetModelMetadata, "
+            "ModelService.GetModelStatus), with the same version policies, labels, warmup and "
+            "status codes. NOT a production server: no server-side batching, REST API or "
+            "metrics. In production run tensorflow_model_server (serving/OPERATIONS.md)."
+        ),
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model_config_file", help="models.config text proto")
+    source.add_argument("--model_base_path", help="serve one model from this folder")
+    parser.add_argument("--model_name", default="default", help="name for --model_base_path")
+    parser.add_argument(
+        "--model_base_path_override",
+        action="append",
+        type=_parse_override,
+        default=[],
+        metavar="NAME=DIR",
+        help="serve model NAME from DIR instead of the config's base_path (repeatable)",
+    )
+    parser.add_argument("--port", type=int, default=8500, help="gRPC port; 0 picks a free one")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="interface to bind (default: loopback only)"
+    )
+    parser.add_argument("--max-batch-size", type=int, default=64, help="most rows per input")
+    parser.add_argument(
+        "--max-input-bytes",
+        type=int,
+        default=2048,
+        help="most bytes per input string (elements per row for numeric inputs)",
+    )
+    parser.add_argument("--workers", type=int, default=4, help="threads answering requests")
+    parser.add_argument("--file_system_poll_wait_seconds", type=float, default=1.0)
+    parser.add_argument("--model_config_file_poll_wait_seconds", type=float, default=0.0)
+    parser.add_argument("--allow_version_labels_for_unavailable_models", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the command; returns its exit status (1 when the models cannot be served)."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+
+    if args.model_config_file:
+        model_config = args.model_config_file
+    else:
+        model_config = model_config_lib.make_model_server_config(
+            {args.model_name: args.model_base_path}
+        )
+    try:
+        server = start_server(
+            model_config,
+            port=args.port,
+            host=args.host,
+            base_path_overrides=dict(args.model_base_path_override),
+            max_batch_size=args.max_batch_size,
+            max_input_bytes=args.max_input_bytes,
+            workers=args.workers,
+            file_system_poll_wait_seconds=args.file_system_poll_wait_seconds,
+            model_config_file_poll_wait_seconds=args.model_config_file_poll_wait_seconds,
+            allow_version_labels_for_unavailable_models=(
+                args.allow_version_labels_for_unavailable_models
+            ),
+        )
+    except (OSError, ValueError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 1
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.stop).start())
+    print(f"devserver listening on {server.address}", flush=True)
+    try:
+        server.wait()
+    except KeyboardInterrupt:
+        server.stop()
+    return 0
