@@ -88,15 +88,11 @@ class Transformer(keras.Model):
             else None
         )
 
-        source_mask = padding_mask(source_ids, c.pad_id)
-        memory = source_embedding(source_ids)
-        for layer in encoder_layers:
-            memory = layer(memory, padding_mask=source_mask)
-        if encoder_norm is not None:
-            memory = encoder_norm(memory)
-        hidden = target_embedding(target_ids)
-        for layer in decoder_layers:
-            hidden = layer(hidden, memory, memory_padding_mask=source_mask)
+        # The training graph runs the same code as `encode` and `decode`.
+        memory, source_mask = run_encoder(
+            source_ids, source_embedding, encoder_layers, encoder_norm, c.pad_id
+        )
+        hidden = run_decoder(target_ids, memory, source_mask, target_embedding, decoder_layers)
         logits = _output_logits(hidden, decoder_norm, target_embedding, output_projection)
 
         super().__init__(
@@ -130,14 +126,14 @@ class Transformer(keras.Model):
         Returns:
             `(memory [batch, source_length, d_model], source_mask bool [batch, source_length])`.
         """
-        source_ids = ops.cast(source_ids, "int32")
-        source_mask = padding_mask(source_ids, self.config.pad_id)
-        memory = self.source_embedding(source_ids, training=training)
-        for layer in self.encoder_layers:
-            memory = layer(memory, padding_mask=source_mask, training=training)
-        if self.encoder_norm is not None:
-            memory = self.encoder_norm(memory)
-        return memory, source_mask
+        return run_encoder(
+            ops.cast(source_ids, "int32"),
+            self.source_embedding,
+            self.encoder_layers,
+            self.encoder_norm,
+            self.config.pad_id,
+            training=training,
+        )
 
     def project(self, hidden):
         """Final norm (pre-norm only) and pre-softmax projection: float32 logits."""
@@ -158,12 +154,58 @@ class Transformer(keras.Model):
 
     def decode(self, target_ids, memory, source_mask, training=False):
         """Full (uncached) decoder pass: logits `[batch, target_length, vocab]`."""
-        hidden = self.target_embedding(ops.cast(target_ids, "int32"), training=training)
-        for layer in self.decoder_layers:
-            hidden = layer(hidden, memory, memory_padding_mask=source_mask, training=training)
+        hidden = run_decoder(
+            ops.cast(target_ids, "int32"),
+            memory,
+            source_mask,
+            self.target_embedding,
+            self.decoder_layers,
+            training=training,
+        )
         return self.project(hidden)
 
-    def init_decoder_state(self, memory, source_mask, max_length, beams=1):
+    def attention_weights(self, source_ids, target_ids):
+        """Every layer's attention weights for a batch of sentence pairs (inference mode).
+
+        Args:
+            source_ids: int `[batch, source_length]`, 0 = padding.
+            target_ids: int `[batch, target_length]`, the decoder input (bos first).
+
+        Returns:
+            A dict of lists over layers, bottom first, of float weights (softmax
+            probabilities: each row sums to 1 over the keys it may attend to, 0 at masked keys):
+            `"encoder_self_attention"`: `[batch, num_heads, source_length, source_length]`;
+            `"decoder_self_attention"`: `[batch, num_heads, target_length, target_length]`
+            (0 above the diagonal: causal);
+            `"cross_attention"`: `[batch, num_heads, target_length, source_length]`.
+        """
+        weights = {
+            "encoder_self_attention": [],
+            "decoder_self_attention": [],
+            "cross_attention": [],
+        }
+        memory, source_mask = run_encoder(
+            ops.cast(source_ids, "int32"),
+            self.source_embedding,
+            self.encoder_layers,
+            self.encoder_norm,
+            self.config.pad_id,
+            training=False,
+            attention_weights=weights["encoder_self_attention"],
+        )
+        run_decoder(
+            ops.cast(target_ids, "int32"),
+            memory,
+            source_mask,
+            self.target_embedding,
+            self.decoder_layers,
+            training=False,
+            self_attention_weights=weights["decoder_self_attention"],
+            cross_attention_weights=weights["cross_attention"],
+        )
+        return weights
+
+    def init_decoder_state(self, memory, source_mask, max_length, beams=1, in_place=False):
         """Everything `decode_step` reads: caches, beam ancestry, encoder-decoder keys/values.
 
         Args:
@@ -175,6 +217,8 @@ class Transformer(keras.Model):
             beams: hypotheses per sentence. The caches hold `beams` slots per sentence
                 (`attention_cache` explains the layout) while the encoder-decoder keys/values
                 keep `batch` rows, shared by a sentence's beams.
+            in_place: allocate caches that `decode_step(..., in_place=True)` may write into
+                (on TensorFlow inside a graph, buffers of their own, see `cache_writes_tf`).
 
         Returns:
             A dict: `"key_caches"`/`"value_caches"` (lists over layers of
@@ -193,7 +237,9 @@ class Transformer(keras.Model):
         batch = ops.shape(memory)[0]
         state = {"key_caches": [], "value_caches": [], "cross_keys": [], "cross_values": []}
         for layer in self.decoder_layers:
-            key_cache, value_cache = layer.init_cache(batch, max_length, beams, memory.dtype)
+            key_cache, value_cache = layer.init_cache(
+                batch, max_length, beams, memory.dtype, in_place=in_place
+            )
             cross_key, cross_value = layer.compute_cross_key_value(memory)
             state["key_caches"].append(key_cache)
             state["value_caches"].append(value_cache)
@@ -207,16 +253,21 @@ class Transformer(keras.Model):
         state["output_kernel"] = ops.cast(self.output_kernel(), memory.dtype)
         return state
 
-    def decode_step(self, token_ids, index, state, beams=1):
+    def decode_step(self, token_ids, index, state, beams=1, in_place=False):
         """Logits for the next token after feeding `token_ids` at position `index`.
 
         Args:
             token_ids: int `[batch * beams]`, the tokens at position `index`; row
                 `i * beams + k` is the hypothesis in slot `k` of sentence `i`.
             index: scalar int, their position (0 for `bos_id`).
-            state: from `init_decoder_state`. Its caches are returned updated; on TensorFlow
-                inside a graph they are written in place, so pass each state once.
+            state: from `init_decoder_state`. It is not changed (by default): the new state
+                holds new caches, and `state` can be decoded from again.
             beams: hypotheses per sentence.
+            in_place: write this step into the caches of `state` themselves, which is faster
+                on TensorFlow inside a graph (one row per slot written instead of a copy of
+                each cache). `state` must come from `init_decoder_state(..., in_place=True)`
+                and be passed to one step only, as `greedy_search` and `beam_search` do: its
+                caches are the new state's and change with it.
 
         Returns:
             `(logits float32 [batch * beams, vocab], new_state)`.
@@ -239,6 +290,7 @@ class Transformer(keras.Model):
                 memory_padding_mask=state["source_mask"],
                 beams=beams,
                 qkv=state["self_attention_qkv"][i],
+                in_place=in_place,
             )
             key_caches.append(key_cache)
             value_caches.append(value_cache)
@@ -251,6 +303,67 @@ class Transformer(keras.Model):
             output_kernel=state["output_kernel"],
         )
         return logits, new_state
+
+
+def run_encoder(
+    source_ids, embedding, layers, final_norm, pad_id, training=None, attention_weights=None
+):
+    """The encoder stack: `(memory [batch, source_length, d_model], source_mask)`.
+
+    The functional training graph (on symbolic inputs) and `Transformer.encode` both run it,
+    so training and decoding cannot drift apart. `attention_weights`, a list, receives each
+    layer's self-attention weights.
+    """
+    source_mask = padding_mask(source_ids, pad_id)
+    memory = embedding(source_ids, training=training)
+    for layer in layers:
+        if attention_weights is None:
+            memory = layer(memory, padding_mask=source_mask, training=training)
+        else:
+            memory, weights = layer(
+                memory, padding_mask=source_mask, return_attention_scores=True, training=training
+            )
+            attention_weights.append(weights)
+    if final_norm is not None:
+        memory = final_norm(memory)
+    return memory, source_mask
+
+
+def run_decoder(
+    target_ids,
+    memory,
+    source_mask,
+    embedding,
+    layers,
+    training=None,
+    self_attention_weights=None,
+    cross_attention_weights=None,
+):
+    """The decoder stack on a whole target: hidden states `[batch, target_length, d_model]`
+    before the final norm and projection (`_output_logits`).
+
+    Run by the functional training graph and by `Transformer.decode`. The lists
+    `self_attention_weights` and `cross_attention_weights`, when given, receive each layer's
+    attention weights.
+    """
+    hidden = embedding(target_ids, training=training)
+    collect = self_attention_weights is not None or cross_attention_weights is not None
+    for layer in layers:
+        if not collect:
+            hidden = layer(hidden, memory, memory_padding_mask=source_mask, training=training)
+            continue
+        hidden, self_weights, cross_weights = layer(
+            hidden,
+            memory,
+            memory_padding_mask=source_mask,
+            return_attention_scores=True,
+            training=training,
+        )
+        if self_attention_weights is not None:
+            self_attention_weights.append(self_weights)
+        if cross_attention_weights is not None:
+            cross_attention_weights.append(cross_weights)
+    return hidden
 
 
 def _output_logits(hidden, decoder_norm, target_embedding, output_projection, output_kernel=None):

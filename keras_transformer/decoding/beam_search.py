@@ -6,10 +6,9 @@ from keras import ops
 
 from keras_transformer.decoding.common import (
     NEG_INF,
-    check_source_ids,
     length_penalty,
-    output_limits,
     position_mask,
+    start_search,
     top_k_last_axis,
 )
 from keras_transformer.layers.attention_cache import reorder_ancestry
@@ -45,7 +44,8 @@ def beam_search(
     the same result alone or in any batch.
 
     Decoding is incremental: `model.init_decoder_state(..., beams=beam_size)` preallocates
-    self-attention caches with `beam_size` slots per sentence, written in place each step and
+    self-attention caches with `beam_size` slots per sentence, written in place each step
+    (`in_place=True`: each step's state is used once) and
     never reordered: a surviving hypothesis inherits its parent's *ancestry* (which slot holds
     its token at each position, `[batch, beam_size, max_steps]` int32), and attention is masked
     to it. The encoder-decoder keys/values stay `[batch, source_length, ...]`, shared by a
@@ -88,11 +88,12 @@ def beam_search(
     min_output_length = int(min_output_length)
     candidates = 2 * beams
 
-    source_ids = check_source_ids(source_ids)
+    source_ids, memory, source_mask, bound, limits = start_search(
+        model, source_ids, max_output_length, extra_length
+    )
     batch = ops.shape(source_ids)[0]
-    memory, source_mask = model.encode(source_ids)
-    bound, limits = output_limits(model, source_ids, source_mask, max_output_length, extra_length)
-    state = model.init_decoder_state(memory, source_mask, bound, beams=beams)
+    # Each step's caches feed only the next step: they can be written in place.
+    state = model.init_decoder_state(memory, source_mask, bound, beams=beams, in_place=True)
     forbid_eos = ignore_eos or min_output_length > 0
     # Tokens ranked per beam: one more when eos may be masked out of them.
     row_k = candidates + int(forbid_eos)
@@ -111,7 +112,9 @@ def beam_search(
         return ops.logical_and(ops.less(index, bound), ops.logical_not(ops.all(done)))
 
     def body(index, tokens, alive_ids, alive_log_probs, finished, done, caches):
-        logits, new_state = model.decode_step(tokens, index, dict(state, **caches), beams=beams)
+        logits, new_state = model.decode_step(
+            tokens, index, dict(state, **caches), beams=beams, in_place=True
+        )
         # Top-k in two stages, both exact: a sentence's best `candidates` extensions are among
         # its beams' best `row_k` tokens each. Ranking raw logits per row (the log-softmax
         # shift is per row) avoids writing `[batch * beams, vocab]` log-probs and sums.

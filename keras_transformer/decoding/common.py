@@ -53,6 +53,19 @@ def output_limits(model, source_ids, source_mask, max_output_length, extra_lengt
     return bound, limits
 
 
+def start_search(model, source_ids, max_output_length, extra_length):
+    """How every search opens: checks `source_ids`, runs the encoder, sets the length limits.
+
+    Returns:
+        `(source_ids int32 [batch, source_length], memory, source_mask, bound, limits)`, see
+        `Transformer.encode` and `output_limits`.
+    """
+    source_ids = check_source_ids(source_ids)
+    memory, source_mask = model.encode(source_ids)
+    bound, limits = output_limits(model, source_ids, source_mask, max_output_length, extra_length)
+    return source_ids, memory, source_mask, bound, limits
+
+
 def token_bias(model, forbid_eos):
     """Float32 `[vocab]` added to log-probs: `NEG_INF` at eos when `forbid_eos`, else `None`."""
     if not forbid_eos:

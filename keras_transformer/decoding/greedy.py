@@ -5,12 +5,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from keras_transformer.decoding.common import (
-    check_source_ids,
-    output_limits,
-    position_mask,
-    token_bias,
-)
+from keras_transformer.decoding.common import position_mask, start_search, token_bias
 
 
 def greedy_search(
@@ -46,14 +41,15 @@ def greedy_search(
         source length), `"lengths"` int32 `[batch]` (tokens produced, eos included) and
         `"scores"` float32 `[batch]` (sum of the tokens' log-probabilities).
     """
-    source_ids = check_source_ids(source_ids)
-    memory, source_mask = model.encode(source_ids)
-    bound, limits = output_limits(model, source_ids, source_mask, max_output_length, extra_length)
-    state = model.init_decoder_state(memory, source_mask, bound)
+    source_ids, memory, source_mask, bound, limits = start_search(
+        model, source_ids, max_output_length, extra_length
+    )
+    # Each step's caches feed only the next step: they can be written in place.
+    state = model.init_decoder_state(memory, source_mask, bound, in_place=True)
     caches = {"key_caches": state["key_caches"], "value_caches": state["value_caches"]}
 
     def next_logits(tokens, index, caches):
-        logits, new_state = model.decode_step(tokens, index, dict(state, **caches))
+        logits, new_state = model.decode_step(tokens, index, dict(state, **caches), in_place=True)
         return logits, {
             "key_caches": new_state["key_caches"],
             "value_caches": new_state["value_caches"],
@@ -81,9 +77,9 @@ def uncached_greedy_search(
     decodes the whole `[batch, max_steps]` buffer (causality makes the later positions
     irrelevant) and reads the step's position.
     """
-    source_ids = check_source_ids(source_ids)
-    memory, source_mask = model.encode(source_ids)
-    bound, limits = output_limits(model, source_ids, source_mask, max_output_length, extra_length)
+    source_ids, memory, source_mask, bound, limits = start_search(
+        model, source_ids, max_output_length, extra_length
+    )
     batch = ops.shape(source_ids)[0]
     decoder_inputs = ops.full((batch, bound), model.config.pad_id, dtype="int32")
     slice_prefix = keras.config.backend() == "tensorflow"

@@ -1,4 +1,4 @@
-"""The decoder's self-attention cache: layout, in-place writes, and beam ancestry masks.
+"""The decoder's self-attention cache: layout, writes, and beam ancestry masks.
 
 Layout: one cache per layer for keys and one for values, each
 `[batch, heads, beams * max_length, head_dim]`. Row block `k * max_length + t` holds what beam
@@ -9,37 +9,36 @@ row holds hypothesis `j`'s token at each position. Hypothesis `j` attends to all
 `beams * max_length` cached rows of its sentence, masked to its own ancestors; the extra
 products are `beams` times those of one row each, small next to the projections.
 
-Writes are in place where the backend allows it, so a step touches one row per slot instead of
-copying the cache:
-
-- JAX: `slice_update` (XLA's `dynamic_update_slice`, in place inside `while_loop`).
-- TensorFlow in a graph: the core `InplaceUpdate` op on a reshaped view. It mutates its input,
-  which is safe here because the decoding loop is the cache's only user: the buffer comes from
-  `Empty` (stateful, so never constant-folded or shared between the key and value caches, as
-  two equal `zeros` would be after common-subexpression elimination) and each step's write
-  feeds that step's attention. `ops.slice_update` is not used on TensorFlow: it lowers to
-  `XlaDynamicUpdateSlice`, which a stock `tensorflow_model_server` runs only with XLA.
-- TensorFlow eagerly: a scatter into a copy, so a caller's old state is never changed.
+Writes, by default, return a new cache and leave the one they were given unchanged: a scatter
+of the step's rows (`ops.scatter_update`, `TensorScatterUpdate` on TensorFlow, which needs no
+XLA; on JAX, XLA updates the buffer in place inside a loop anyway). With `in_place=True` a
+TensorFlow graph writes into the cache's own buffer instead (`cache_writes_tf`): a step then
+touches one row per slot instead of copying the cache, but the cache given is changed, so the
+searches, which pass each state once, are its only users.
 """
 
 from __future__ import annotations
 
-import keras
 from keras import ops
 
+from keras_transformer.layers import cache_writes_tf
 
-def empty_cache(batch_size, num_heads, max_length, head_dim, beams=1, dtype="float32"):
-    """A zero cache `[batch_size, num_heads, beams * max_length, head_dim]` of its own buffer."""
+
+def empty_cache(
+    batch_size, num_heads, max_length, head_dim, beams=1, dtype="float32", in_place=False
+):
+    """A zero cache `[batch_size, num_heads, beams * max_length, head_dim]`.
+
+    With `in_place=True`, inside a TensorFlow graph, it has a buffer of its own that
+    `write_cache(..., in_place=True)` may write into (see `cache_writes_tf`).
+    """
     shape = (batch_size, num_heads, beams * max_length, head_dim)
-    if keras.config.backend() == "tensorflow":
-        import tensorflow as tf
-
-        if tf.inside_function():
-            return tf.raw_ops.Empty(shape=tf.stack(shape), dtype=dtype, init=True)
+    if in_place and cache_writes_tf.available():
+        return cache_writes_tf.empty_buffer(shape, dtype)
     return ops.zeros(shape, dtype=dtype)
 
 
-def write_cache(cache, update, index, beams=1):
+def write_cache(cache, update, index, beams=1, in_place=False):
     """Writes `update` at position `index` of every slot.
 
     Args:
@@ -48,33 +47,28 @@ def write_cache(cache, update, index, beams=1):
             `[batch * beams, 1, heads, head_dim]` (rows in (sentence, slot, head) order).
         index: scalar int, the position written.
         beams: slots per sentence.
+        in_place: write into `cache`'s buffer where the backend allows it (TensorFlow inside a
+            graph, a cache from `empty_cache(..., in_place=True)`): `cache` itself changes.
 
     Returns:
-        The cache with the step written (on TensorFlow inside a graph, the same buffer).
+        The cache with the step written.
     """
-    batch, heads, rows, head_dim = (ops.shape(cache)[i] for i in range(4))
-    max_length = rows // beams
-    if keras.config.backend() == "tensorflow":
-        import tensorflow as tf
-
-        update = tf.reshape(update, (-1, head_dim))
-        # Update row (sentence i, slot k, head h) goes to flat cache row
-        # ((i * heads + h) * beams + k) * max_length + index; no transpose of the update.
-        order = tf.range(tf.shape(update)[0])
-        sentence, rest = order // (beams * heads), order % (beams * heads)
-        slot, head = rest // heads, rest % heads
-        flat_rows = ((sentence * heads + head) * beams + slot) * max_length
-        flat_rows = flat_rows + tf.cast(index, "int32")
-        flat = tf.reshape(cache, (-1, head_dim))
-        if tf.inside_function():
-            written = tf.raw_ops.InplaceUpdate(x=flat, i=flat_rows, v=update)
-        else:
-            written = tf.tensor_scatter_nd_update(flat, flat_rows[:, None], update)
-        return tf.reshape(written, tf.shape(cache))
-    update = ops.transpose(ops.reshape(update, (batch, beams, heads, head_dim)), (0, 2, 1, 3))
-    slots = ops.reshape(cache, (batch, heads, beams, max_length, head_dim))
-    slots = ops.slice_update(slots, (0, 0, 0, index, 0), update[:, :, :, None, :])
-    return ops.reshape(slots, (batch, heads, rows, head_dim))
+    shape = ops.shape(cache)
+    heads, head_dim = shape[1], shape[3]
+    max_length = shape[2] // beams
+    update = ops.reshape(update, (-1, head_dim))
+    # Update row (sentence i, slot k, head h) goes to flat cache row
+    # ((i * heads + h) * beams + k) * max_length + index: no transpose of the update.
+    order = ops.arange(ops.shape(update)[0], dtype="int32")
+    sentence, rest = order // (beams * heads), order % (beams * heads)
+    slot, head = rest // heads, rest % heads
+    flat_rows = ((sentence * heads + head) * beams + slot) * max_length + ops.cast(index, "int32")
+    flat = ops.reshape(cache, (-1, head_dim))
+    if in_place and cache_writes_tf.available():
+        written = cache_writes_tf.write_rows_in_place(flat, flat_rows, update)
+    else:
+        written = ops.scatter_update(flat, flat_rows[:, None], update)
+    return ops.reshape(written, shape)
 
 
 def initial_ancestry(batch_size, beams, max_length):

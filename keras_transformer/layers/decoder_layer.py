@@ -4,13 +4,11 @@ import keras
 from keras import ops
 
 from keras_transformer.layers.attention_cache import empty_cache
-from keras_transformer.layers.feed_forward import PositionwiseFeedForward
-from keras_transformer.layers.multi_head_attention import MultiHeadAttention
-from keras_transformer.layers.residual import ResidualBlock
+from keras_transformer.layers.transformer_layer import TransformerLayerBase
 
 
 @keras.saving.register_keras_serializable(package="keras_transformer")
-class TransformerDecoderLayer(keras.layers.Layer):
+class TransformerDecoderLayer(TransformerLayerBase):
     """Causal self-attention, attention over the encoder output, then a feed-forward network.
 
     Two ways to run it:
@@ -36,64 +34,25 @@ class TransformerDecoderLayer(keras.layers.Layer):
         target_padding_mask: optional boolean `[batch, target_length]`; padded target keys
             get no weight (causality already hides right padding; this matters for left padding).
         memory_padding_mask: boolean `[batch, source_length]`, `False` at source padding.
+        return_attention_scores: also return the attention weights.
         training: enables dropout.
 
     Returns:
-        `[batch, target_length, model_dim]`.
+        `[batch, target_length, model_dim]`; with `return_attention_scores=True`,
+        `(outputs, self_weights [batch, num_heads, target_length, target_length],
+        cross_weights [batch, num_heads, target_length, source_length])`.
     """
-
-    def __init__(
-        self,
-        num_heads,
-        ffn_dim,
-        dropout=0.0,
-        attention_dropout=0.0,
-        norm_placement="post",
-        layer_norm_epsilon=1e-6,
-        **kwargs,
-    ):
-        super().__init__(**kwargs)
-        self.num_heads = int(num_heads)
-        self.ffn_dim = int(ffn_dim)
-        self.dropout = float(dropout)
-        self.attention_dropout = float(attention_dropout)
-        self.norm_placement = norm_placement
-        self.layer_norm_epsilon = float(layer_norm_epsilon)
 
     def build(self, inputs_shape, memory_shape=None):
         memory_shape = inputs_shape if memory_shape is None else memory_shape
-        model_dim = inputs_shape[-1]
-        if model_dim % self.num_heads:
-            raise ValueError(
-                f"model_dim ({model_dim}) must be divisible by num_heads ({self.num_heads})"
-            )
-        self.model_dim = model_dim
-        block = dict(
-            norm_placement=self.norm_placement,
-            epsilon=self.layer_norm_epsilon,
-            dropout=self.dropout,
-            dtype=self.dtype_policy,
+        self._check_model_dim(inputs_shape)
+        self.self_attention, self.self_attention_block = self._attention_block(
+            "self_attention", inputs_shape
         )
-        attention = dict(
-            num_heads=self.num_heads,
-            key_dim=model_dim // self.num_heads,
-            dropout=self.attention_dropout,
-            dtype=self.dtype_policy,
+        self.cross_attention, self.cross_attention_block = self._attention_block(
+            "cross_attention", inputs_shape, memory_shape
         )
-        self.self_attention = MultiHeadAttention(name="self_attention", **attention)
-        self.self_attention.build(inputs_shape)
-        self.self_attention_block = ResidualBlock(name="self_attention_residual", **block)
-        self.self_attention_block.build(inputs_shape)
-        self.cross_attention = MultiHeadAttention(name="cross_attention", **attention)
-        self.cross_attention.build(inputs_shape, memory_shape)
-        self.cross_attention_block = ResidualBlock(name="cross_attention_residual", **block)
-        self.cross_attention_block.build(inputs_shape)
-        self.feed_forward = PositionwiseFeedForward(
-            self.ffn_dim, dropout=self.dropout, dtype=self.dtype_policy, name="feed_forward"
-        )
-        self.feed_forward.build(inputs_shape)
-        self.feed_forward_block = ResidualBlock(name="feed_forward_residual", **block)
-        self.feed_forward_block.build(inputs_shape)
+        self.feed_forward, self.feed_forward_block = self._feed_forward_block(inputs_shape)
         self.built = True
 
     def call(
@@ -102,45 +61,45 @@ class TransformerDecoderLayer(keras.layers.Layer):
         memory,
         target_padding_mask=None,
         memory_padding_mask=None,
+        return_attention_scores=False,
         training=None,
     ):
-        block = self.self_attention_block
-        attended = self.self_attention(
-            block.normalize_input(inputs),
+        x, self_weights = self._attend(
+            self.self_attention,
+            self.self_attention_block,
+            inputs,
             attention_mask=target_padding_mask,
             use_causal_mask=True,
             training=training,
         )
-        x = block(inputs, attended, training=training)
-        block = self.cross_attention_block
-        attended = self.cross_attention(
-            block.normalize_input(x),
-            memory,
+        x, cross_weights = self._attend(
+            self.cross_attention,
+            self.cross_attention_block,
+            x,
+            value=memory,
             attention_mask=memory_padding_mask,
             training=training,
         )
-        x = block(x, attended, training=training)
-        return self._feed_forward(x, training=training)
-
-    def _feed_forward(self, x, training=None):
-        block = self.feed_forward_block
-        return block(
-            x, self.feed_forward(block.normalize_input(x), training=training), training=training
-        )
+        x = self._feed_forward(x, training=training)
+        return (x, self_weights, cross_weights) if return_attention_scores else x
 
     # -- incremental decoding ------------------------------------------------------------
     def compute_cross_key_value(self, memory):
         """Encoder-decoder keys/values `[batch, heads, source_length, head_dim]`, per source."""
         return self.cross_attention.compute_key_value(memory)
 
-    def init_cache(self, batch_size, max_length, beams=1, dtype=None):
+    def init_cache(self, batch_size, max_length, beams=1, dtype=None, in_place=False):
         """Zero `(key_cache, value_cache)`, each `[batch_size, heads, beams * max_length, d]`.
 
-        `batch_size` counts sentences; see `attention_cache` for the layout.
+        `batch_size` counts sentences; see `attention_cache` for the layout, and
+        `attention_cache.empty_cache` for `in_place`.
         """
         dtype = dtype or self.compute_dtype
         args = (batch_size, self.num_heads, max_length, self.model_dim // self.num_heads, beams)
-        return empty_cache(*args, dtype=dtype), empty_cache(*args, dtype=dtype)
+        return (
+            empty_cache(*args, dtype=dtype, in_place=in_place),
+            empty_cache(*args, dtype=dtype, in_place=in_place),
+        )
 
     def call_step(
         self,
@@ -154,6 +113,7 @@ class TransformerDecoderLayer(keras.layers.Layer):
         memory_padding_mask=None,
         beams=1,
         qkv=None,
+        in_place=False,
     ):
         """Decodes one position.
 
@@ -170,6 +130,8 @@ class TransformerDecoderLayer(keras.layers.Layer):
             beams: beams per sentence (a Python int).
             qkv: `self_attention.stacked_query_key_value()`, prepared once per search
                 (computed here when `None`).
+            in_place: write the caches in their own buffers (see
+                `attention_cache.write_cache`); by default the caches given are unchanged.
 
         Returns:
             `(outputs [batch * beams, 1, model_dim], key_cache, value_cache)`.
@@ -183,6 +145,7 @@ class TransformerDecoderLayer(keras.layers.Layer):
             cache_mask,
             beams,
             qkv=qkv,
+            in_place=in_place,
         )
         x = block(inputs, attended)
         block = self.cross_attention_block
@@ -192,18 +155,3 @@ class TransformerDecoderLayer(keras.layers.Layer):
         attended = self.cross_attention.attend_rows(query, cross_key, cross_value, mask)
         x = block(x, ops.reshape(attended, (-1, 1, self.model_dim)))
         return self._feed_forward(x), key_cache, value_cache
-
-    def compute_output_shape(self, inputs_shape, memory_shape=None):
-        return inputs_shape
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(
-            num_heads=self.num_heads,
-            ffn_dim=self.ffn_dim,
-            dropout=self.dropout,
-            attention_dropout=self.attention_dropout,
-            norm_placement=self.norm_placement,
-            layer_norm_epsilon=self.layer_norm_epsilon,
-        )
-        return config

@@ -8,6 +8,64 @@ from keras_transformer.layers.masks import masked_fill_value
 
 
 @keras.saving.register_keras_serializable(package="keras_transformer")
+class HeadProjection(keras.layers.EinsumDense):
+    """An `EinsumDense` whose plain forward pass is one `ops.tensordot`.
+
+    TensorFlow runs the `EinsumDense` equations of attention (`abc,cde->abde`,
+    `abcd,cde->abe`) as broadcast batched matrix products, and their kernel gradient as one
+    small product per batch entry plus a sum: in a training step of the `small` preset those
+    took most of the time (about 35 ms each on a 2-core CPU). A tensordot is a single 2-D
+    matrix product, and so is each part of its gradient; it was 2x faster for training.
+
+    Everything else is `EinsumDense`'s: the same variables (`kernel`, `bias`, so checkpoints
+    keep their layout), dtype policy (variables in the variable dtype, the product in the
+    compute dtype), and with LoRA enabled or quantization (which Keras routes to
+    `quantized_call`), `EinsumDense`'s own computation.
+
+    Args:
+        equation, output_shape, bias_axes, ...: as `keras.layers.EinsumDense`; the equation
+            must contract the first axes of the kernel with the last axes of the input,
+            in order (`abc,cde->abde`: 1 axis; `abcd,cde->abe`: 2).
+    """
+
+    def __init__(self, equation, output_shape, **kwargs):
+        super().__init__(equation, output_shape, **kwargs)
+        self.contracted_axes = _contracted_axes(equation)
+
+    def call(self, inputs, training=None):
+        if self.lora_enabled:
+            return super().call(inputs, training=training)
+        rank = len(inputs.shape)
+        x = ops.tensordot(
+            inputs,
+            self.kernel,
+            axes=(
+                list(range(rank - self.contracted_axes, rank)),
+                list(range(self.contracted_axes)),
+            ),
+        )
+        if self.bias is not None:
+            x = x + self.bias
+        if self.activation is not None:
+            x = self.activation(x)
+        return x
+
+
+def _contracted_axes(equation):
+    """How many leading kernel axes an `EinsumDense` equation contracts with the input's last
+    axes, in order (`abc,cde->abde`: 1; `abcd,cde->abe`: 2); a `ValueError` for other forms."""
+    operands, output = equation.split("->")
+    inputs, kernel = operands.split(",")
+    for count in range(min(len(inputs), len(kernel)), 0, -1):
+        if inputs[-count:] == kernel[:count] and not set(kernel[:count]) & set(output):
+            return count
+    raise ValueError(
+        "HeadProjection needs an equation that contracts the kernel's first axes with the "
+        f"input's last ones, in order; got {equation!r}"
+    )
+
+
+@keras.saving.register_keras_serializable(package="keras_transformer")
 class MultiHeadAttention(keras.layers.Layer):
     """Multi-head attention, `softmax(Q K^T / sqrt(d_k)) V` over `num_heads` projections.
 
@@ -18,6 +76,9 @@ class MultiHeadAttention(keras.layers.Layer):
     `[batch, num_heads, beams * max_length, head_dim]` cache (`call_cached`, layout in
     `attention_cache`) instead of concatenating a growing tensor each step: shapes stay fixed,
     so a compiled decoding loop is traced once.
+
+    The four projections are `HeadProjection` sublayers (`EinsumDense` with a tensordot forward
+    pass) and are always called as layers, so the dtype policy, LoRA and quantization apply.
 
     Args:
         num_heads: number of heads `h`.
@@ -32,10 +93,14 @@ class MultiHeadAttention(keras.layers.Layer):
         attention_mask: boolean, broadcastable to `[batch, query_length, key_length]`; `True`
             means "may attend". A `[batch, key_length]` padding mask is accepted and broadcast.
         use_causal_mask: additionally forbid attending to later positions.
+        return_attention_scores: also return the attention weights.
         training: enables attention dropout.
 
     Returns:
-        `[batch, query_length, model_dim]`.
+        `[batch, query_length, model_dim]`, or with `return_attention_scores=True` a tuple
+        `(output, weights)`, `weights` `[batch, num_heads, query_length, key_length]`: the
+        softmax probabilities used (after dropout when training), 0 at masked keys, each row
+        summing to 1 over the keys it may attend to (as `keras.layers.MultiHeadAttention`).
 
     Example:
     >>> attention = MultiHeadAttention(num_heads=2, key_dim=8)
@@ -64,7 +129,7 @@ class MultiHeadAttention(keras.layers.Layer):
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
 
     def _projection(self, name, equation, output_shape, bias_axes):
-        return keras.layers.EinsumDense(
+        return HeadProjection(
             equation,
             output_shape=output_shape,
             bias_axes=bias_axes if self.use_bias else None,
@@ -79,7 +144,8 @@ class MultiHeadAttention(keras.layers.Layer):
         value_shape = query_shape if value_shape is None else value_shape
         model_dim = query_shape[-1]
         heads = (self.num_heads, self.key_dim)
-        # Projections keep heads as their own axis: [batch, length, heads, head_dim].
+        # Projections keep heads as their own axis: [batch, length, heads, head_dim]. The
+        # attribute names are the checkpoints' paths of these weights.
         self.query_dense = self._projection("query", "abc,cde->abde", (None, *heads), "de")
         self.key_dense = self._projection("key", "abc,cde->abde", (None, *heads), "de")
         self.value_dense = self._projection("value", "abc,cde->abde", (None, *heads), "de")
@@ -101,14 +167,11 @@ class MultiHeadAttention(keras.layers.Layer):
         matrix products over `[batch, heads]`: with a `[batch, length, heads, d]` layout every
         decoding step would transpose the whole key/value cache.
         """
-        return (
-            _heads_first(_project(self.key_dense, value, 1)),
-            _heads_first(_project(self.value_dense, value, 1)),
-        )
+        return _heads_first(self.key_dense(value)), _heads_first(self.value_dense(value))
 
     def compute_query(self, query):
         """Projects `query` `[batch, length, model_dim]` to `[batch, heads, length, head_dim]`."""
-        return _heads_first(_project(self.query_dense, query, 1))
+        return _heads_first(self.query_dense(query))
 
     def attend(self, query, key, value, attention_mask=None, training=None):
         """Attention of projected heads.
@@ -119,17 +182,11 @@ class MultiHeadAttention(keras.layers.Layer):
             attention_mask: boolean broadcastable to `[batch, heads, query_length, key_length]`.
 
         Returns:
-            `[batch, query_length, model_dim]` after the output projection.
+            `(output [batch, query_length, model_dim], weights [batch, heads, query_length,
+            key_length])`, the output after the output projection.
         """
-        query = query * ops.cast(self.key_dim**-0.5, query.dtype)
-        scores = ops.einsum("bhqd,bhkd->bhqk", query, key)
-        if attention_mask is not None:
-            scores = ops.where(attention_mask, scores, masked_fill_value(scores.dtype))
-        # Softmax in float32: under mixed precision the row sums lose digits in bf16.
-        weights = ops.cast(ops.softmax(ops.cast(scores, "float32"), axis=-1), value.dtype)
-        weights = self.dropout_layer(weights, training=training)
-        context = ops.einsum("bhqk,bhkd->bhqd", weights, value)
-        return _project(self.output_dense, _heads_first(context), 2)
+        context, weights = self._attention(query, key, value, attention_mask, training)
+        return self.output_dense(_heads_first(context)), weights
 
     def attend_rows(self, query, key, value, attention_mask=None):
         """Attention for a decoding step: a few query rows per sentence (its beams).
@@ -148,30 +205,67 @@ class MultiHeadAttention(keras.layers.Layer):
         transposes, which were a tenth of a beam step's time), and the products run row by
         row (see `_rowwise_products`).
         """
-        query = _project(self.query_dense, query, 1)
-        return self.attend_projected_rows(query, key, value, attention_mask)
+        return self.attend_projected_rows(self.query_dense(query), key, value, attention_mask)
 
     def attend_projected_rows(self, query, key, value, attention_mask=None):
         """`attend_rows` for a query already projected to `[batch, rows, heads, head_dim]`."""
+        context, _ = self._attention(query, key, value, attention_mask, rows=True)
+        return self.output_dense(context)
+
+    def _attention(self, query, key, value, attention_mask, training=None, rows=False):
+        """The attention core every path shares: scale, scores, mask, softmax, dropout, context.
+
+        `rows=False`: `query [b, h, q, d]`, result `(context [b, h, q, d], weights [b, h, q, k])`.
+        `rows=True`: `query [b, q, h, d]` (a decoding step's rows), result
+        `(context [b, q, h, d], weights [b, q, h, k])`, products by `_rowwise_products`.
+        `key`, `value`: `[b, h, k, d]`; `attention_mask` broadcastable to the weights.
+        """
         query = query * ops.cast(self.key_dim**-0.5, query.dtype)
-        scores = _rowwise_products(query, key, transpose=True)
+        if rows:
+            scores = _rowwise_products(query, key, transpose=True)
+        else:
+            scores = ops.einsum("bhqd,bhkd->bhqk", query, key)
         if attention_mask is not None:
             scores = ops.where(attention_mask, scores, masked_fill_value(scores.dtype))
+        # Softmax in float32: under mixed precision the row sums lose digits in bf16.
         weights = ops.cast(ops.softmax(ops.cast(scores, "float32"), axis=-1), value.dtype)
-        context = _rowwise_products(weights, value, transpose=False)
-        return _project(self.output_dense, context, 2)
+        weights = self.dropout_layer(weights, training=training)
+        if rows:
+            return _rowwise_products(weights, value, transpose=False), weights
+        return ops.einsum("bhqk,bhkd->bhqd", weights, value), weights
 
-    def call(self, query, value=None, attention_mask=None, use_causal_mask=False, training=None):
+    def call(
+        self,
+        query,
+        value=None,
+        attention_mask=None,
+        use_causal_mask=False,
+        return_attention_scores=False,
+        training=None,
+    ):
         value = query if value is None else value
         key, value_heads = self.compute_key_value(value)
         mask = _expand_mask(attention_mask)
         if use_causal_mask:
             causal = causal_mask(ops.shape(query)[1], ops.shape(value)[1])[None, None]
             mask = causal if mask is None else ops.logical_and(mask, causal)
-        return self.attend(self.compute_query(query), key, value_heads, mask, training=training)
+        output, weights = self.attend(
+            self.compute_query(query), key, value_heads, mask, training=training
+        )
+        if return_attention_scores:
+            return output, weights
+        return output
 
     def call_cached(
-        self, query, key_cache, value_cache, cache_index, attention_mask, beams=1, qkv=None
+        self,
+        query,
+        key_cache,
+        value_cache,
+        cache_index,
+        attention_mask,
+        beams=1,
+        qkv=None,
+        in_place=False,
     ):
         """Causal self-attention for one decoding step, writing into a preallocated cache.
 
@@ -185,36 +279,52 @@ class MultiHeadAttention(keras.layers.Layer):
             attention_mask: from `attention_cache.cache_attention_mask` for this step (the
                 same for every layer, so the caller builds it once).
             beams: slots per sentence (a Python int).
+            qkv: `stacked_query_key_value()`, prepared once per search; `None` calls the
+                three projections.
+            in_place: write the caches in their own buffers (`attention_cache.write_cache`);
+                by default the caches given are left unchanged.
 
         Returns:
             `(output [batch * beams, 1, model_dim], key_cache, value_cache)` with this step
             written.
         """
         model_dim = ops.shape(query)[-1]
-        kernel, bias = self.stacked_query_key_value() if qkv is None else qkv
-        # One [rows, d] x [d, 3 * heads * head_dim] product for the three projections.
-        kernel, bias = ops.cast(kernel, query.dtype), ops.cast(bias, query.dtype)
-        projected = ops.matmul(ops.reshape(query, (-1, model_dim)), kernel) + bias
-        projected = ops.reshape(projected, (-1, 3, self.num_heads, self.key_dim))
-        # [batch * beams, heads, head_dim]: the rows of (sentence, slot, head) in order.
-        key_cache = write_cache(key_cache, projected[:, 1], cache_index, beams)
-        value_cache = write_cache(value_cache, projected[:, 2], cache_index, beams)
-        rows = ops.reshape(projected[:, 0], (-1, beams, self.num_heads, self.key_dim))
+        if qkv is None:
+            qkv = self.stacked_query_key_value()
+        if qkv is None:
+            step_query = self.query_dense(query)
+            step_key, step_value = self.key_dense(query), self.value_dense(query)
+        else:
+            # One [rows, d] x [d, 3 * heads * head_dim] product for the three projections.
+            kernel, bias = ops.cast(qkv[0], query.dtype), ops.cast(qkv[1], query.dtype)
+            projected = ops.matmul(ops.reshape(query, (-1, model_dim)), kernel) + bias
+            projected = ops.reshape(projected, (-1, 3, self.num_heads, self.key_dim))
+            step_query, step_key, step_value = projected[:, 0], projected[:, 1], projected[:, 2]
+        # Keys/values: the rows of (sentence, slot, head) in order.
+        key_cache = write_cache(key_cache, step_key, cache_index, beams, in_place)
+        value_cache = write_cache(value_cache, step_value, cache_index, beams, in_place)
+        rows = ops.reshape(step_query, (-1, beams, self.num_heads, self.key_dim))
         output = self.attend_projected_rows(rows, key_cache, value_cache, attention_mask)
         return ops.reshape(output, (-1, 1, model_dim)), key_cache, value_cache
 
     def stacked_query_key_value(self):
         """The query, key and value projections side by side: `(kernel [d, 3 * h * d_k],
         bias [3 * h * d_k])`, for decoding steps (`call_cached(..., qkv=...)`), which
-        prepare it once per search."""
+        prepare it once per search.
+
+        `None` when a projection has LoRA enabled or is quantized: its kernel is then not a
+        plain variable, and the step calls the projections themselves.
+        """
+        projections = (self.query_dense, self.key_dense, self.value_dense)
+        if any(p.lora_enabled or p.quantization_mode is not None for p in projections):
+            return None
         kernels = [
-            ops.reshape(layer.kernel, (ops.shape(layer.kernel)[0], -1))
-            for layer in (self.query_dense, self.key_dense, self.value_dense)
+            ops.reshape(layer.kernel, (ops.shape(layer.kernel)[0], -1)) for layer in projections
         ]
         width = self.num_heads * self.key_dim
         biases = [
             ops.reshape(layer.bias, (-1,)) if self.use_bias else ops.zeros((width,))
-            for layer in (self.query_dense, self.key_dense, self.value_dense)
+            for layer in projections
         ]
         kernel = ops.concatenate(kernels, axis=1)
         return kernel, ops.cast(ops.concatenate(biases, axis=0), kernel.dtype)
@@ -232,29 +342,6 @@ class MultiHeadAttention(keras.layers.Layer):
             kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
         )
         return config
-
-
-def _project(layer, x, contracted):
-    """Applies one of the projections (an `EinsumDense`, which holds the weights) as
-    `ops.tensordot`: a single 2-D matrix product, and 2-D products in its gradient.
-
-    TensorFlow runs the `EinsumDense` equations as broadcast batched matrix products, and their
-    kernel gradient as one small product per batch entry plus a sum: in a training step of the
-    `small` preset those took most of the time (about 35 ms each on this 2-core CPU).
-
-    Args:
-        layer: the projection; its kernel's first `contracted` axes meet the last ones of `x`.
-        x: `[..., *kernel.shape[:contracted]]`.
-        contracted: number of axes contracted (1 for query/key/value, 2 for the output).
-    """
-    kernel = ops.cast(layer.kernel, x.dtype)
-    rank = len(x.shape)
-    y = ops.tensordot(
-        x, kernel, axes=(list(range(rank - contracted, rank)), list(range(contracted)))
-    )
-    if layer.bias is not None:
-        y = y + ops.cast(layer.bias, y.dtype)
-    return y
 
 
 def _rowwise_products(rows, matrix, transpose):

@@ -53,7 +53,7 @@ class MarkovModel:
         source_ids = ops.cast(source_ids, "int32")
         return ops.cast(source_ids, "float32")[..., None], ops.not_equal(source_ids, PAD)
 
-    def init_decoder_state(self, memory, source_mask, max_length, beams=1):
+    def init_decoder_state(self, memory, source_mask, max_length, beams=1, **kwargs):
         batch = ops.shape(memory)[0]
         return {
             "key_caches": [],
