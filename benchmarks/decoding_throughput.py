@@ -41,29 +41,32 @@ import tensorflow as tf  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from keras_transformer import TransformerConfig, build_transformer  # noqa: E402
-from keras_transformer.decoding import (  # noqa: E402
-    beam_search,
-    greedy_search,
-    uncached_greedy_search,
-)
+from keras_transformer.decoding import uncached_greedy_search  # noqa: E402
+from keras_transformer.decoding.settings import DecodeSettings  # noqa: E402
+from keras_transformer.translation.translator import IDS_SPEC, Translator  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "decoding_throughput.json"
-SIGNATURE = [tf.TensorSpec([None, None], tf.int32, name="source_ids")]
 
 
 def keras_decoders(model, output_length, beam_size=4):
-    """The in-process decoders, name -> `tf.function(source_ids) -> target_ids`."""
-    fixed = dict(max_output_length=output_length, ignore_eos=True)
+    """The in-process decoders, name -> `callable(source_ids) -> target_ids`.
 
-    def wrap(decode):
-        return tf.function(lambda source_ids: decode(source_ids)["target_ids"], SIGNATURE)
-
+    Greedy and beam search are the `Translator`'s `greedy_ids`/`beam_ids` signatures (the
+    graphs the export saves, without tokenization); the uncached loop is the reference.
+    """
+    translator = Translator(
+        model, None, DecodeSettings(beam_size=beam_size), fixed_output_length=output_length
+    )
+    uncached = tf.function(
+        lambda source_ids: uncached_greedy_search(
+            model, source_ids, max_output_length=output_length, ignore_eos=True
+        )["target_ids"],
+        input_signature=[IDS_SPEC],
+    )
     return {
-        "greedy": wrap(lambda s: greedy_search(model, s, **fixed)),
-        f"beam{beam_size}": wrap(
-            lambda s: beam_search(model, s, beam_size=beam_size, length_penalty_alpha=0.6, **fixed)
-        ),
-        "greedy_uncached": wrap(lambda s: uncached_greedy_search(model, s, **fixed)),
+        "greedy": lambda ids: translator.greedy_ids(ids)["target_ids"],
+        f"beam{beam_size}": lambda ids: translator.beam_ids(ids)["target_ids"],
+        "greedy_uncached": uncached,
     }
 
 
@@ -78,18 +81,20 @@ def exported_decoders(export_dir, output_length):
     import tensorflow_text  # noqa: F401 - registers the SentencePiece ops of the graph
 
     export_dir = Path(export_dir)
-    settings = json.loads((export_dir / "assets.extra" / "export.json").read_text())
-    if settings.get("fixed_output_length") != output_length:
+    record = json.loads((export_dir / "assets.extra" / "export.json").read_text())
+    if record.get("fixed_output_length") != output_length:
         raise SystemExit(
             f"{export_dir} was exported with fixed_output_length="
-            f"{settings.get('fixed_output_length')}, the benchmark needs {output_length}: "
+            f"{record.get('fixed_output_length')}, the benchmark needs {output_length}: "
             f"re-export with --fixed-output-length {output_length}"
         )
     loaded = tf.saved_model.load(str(export_dir))
     greedy, beam = loaded.signatures["greedy_ids"], loaded.signatures["beam_ids"]
     return {
         "greedy": lambda ids: greedy(source_ids=ids)["target_ids"],
-        f"beam{settings['beam_size']}": lambda ids: beam(source_ids=ids)["target_ids"],
+        f"beam{record['decode_settings']['beam_size']}": lambda ids: beam(source_ids=ids)[
+            "target_ids"
+        ],
     }
 
 

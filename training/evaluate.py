@@ -1,7 +1,9 @@
-"""`python -m training.evaluate --model-dir DIR --corpus SPEC`: translate a test set, score it.
+"""`python -m training.evaluate --model-dir DIR | --saved-model DIR --corpus SPEC`: BLEU.
 
-Prints one JSON line with cased, detokenized sacreBLEU and its signature plus chrF, and writes
-the hypotheses (one per line) next to the model or to `--output`.
+Translates with the model directory's `Translator` (the module the export saves) or with an
+exported SavedModel's own signature, so a published BLEU can be the served artifact's. Prints one
+JSON line with cased, detokenized sacreBLEU and its signature plus chrF, and writes the
+hypotheses (one per line) next to the model or to `--output`.
 """
 
 from __future__ import annotations
@@ -12,8 +14,49 @@ import sys
 import time
 from pathlib import Path
 
-from keras_transformer.translation import model_dir as layout
 from training.corpus import CorpusError
+
+SAVED_MODEL_SIGNATURES = ("serving_default", "beam", "greedy")
+
+
+def translate_with_model_dir(
+    model_dir, sources, checkpoint="auto", **settings_overrides
+) -> tuple[list[str], dict]:
+    """Hypotheses of the model directory's `Translator`; decoding options left `None` come from
+    its `decode_settings.json`. Returns `(hypotheses, description)`."""
+    from keras_transformer.translation import model_dir as layout
+
+    settings = layout.load_decode_settings(model_dir).replace(**settings_overrides)
+    translator, weights = layout.load_translator(model_dir, checkpoint, settings)
+    hypotheses = translator.translate(sources)
+    return hypotheses, {"checkpoint": str(weights), "decode_settings": settings.to_dict()}
+
+
+def translate_with_saved_model(
+    saved_model_dir, sources, signature="serving_default", batch_size=None
+) -> tuple[list[str], dict]:
+    """Hypotheses of an exported SavedModel's text `signature`, `batch_size` sentences per call
+    (default: the export's decode settings). Returns `(hypotheses, description)`."""
+    import tensorflow as tf
+    import tensorflow_text  # noqa: F401 - registers the SentencePiece ops of the graph
+
+    saved_model_dir = Path(saved_model_dir)
+    record_path = saved_model_dir / "assets.extra" / "export.json"
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    batch_size = batch_size or record.get("decode_settings", {}).get("batch_size", 64)
+    if signature not in SAVED_MODEL_SIGNATURES:
+        raise ValueError(f"--signature must be one of {SAVED_MODEL_SIGNATURES}, got {signature!r}")
+    translate = tf.saved_model.load(str(saved_model_dir)).signatures[signature]
+    # Similar lengths share a batch (less padding); results do not depend on the batching.
+    order = sorted(range(len(sources)), key=lambda row: len(sources[row].encode("utf-8")))
+    hypotheses = [""] * len(sources)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        texts = tf.constant([sources[row] for row in rows], tf.string)
+        for row, text in zip(rows, translate(text=texts)["translations"].numpy(), strict=True):
+            hypotheses[row] = text.decode("utf-8")
+    description = {"saved_model": str(saved_model_dir), "signature": signature, **record}
+    return hypotheses, description
 
 
 def evaluate(
@@ -22,21 +65,26 @@ def evaluate(
     source_lang,
     target_lang,
     checkpoint="auto",
-    beam_size=4,
-    length_penalty_alpha=0.6,
-    batch_size=64,
+    beam_size=None,
+    length_penalty_alpha=None,
+    batch_size=None,
     limit=None,
     output=None,
+    *,
+    saved_model=None,
+    signature="serving_default",
 ) -> dict:
+    """Translates `corpus_spec` with `model_dir` or `saved_model` (exactly one) and scores it.
+
+    With `model_dir`, decoding options left `None` come from its `decode_settings.json`; a
+    SavedModel decodes as it was exported (only `signature` and `batch_size` apply).
+    """
     import sacrebleu
 
-    from keras_transformer.translation.tokenizer import SubwordTokenizer
-    from keras_transformer.translation.translator import Translator
     from training.corpus import corpus_from_config
 
-    model_dir = Path(model_dir)
-    model, weights = layout.load_transformer(model_dir, checkpoint)
-    tokenizer = SubwordTokenizer(model_dir / layout.VOCAB)
+    if (model_dir is None) == (saved_model is None):
+        raise ValueError("give exactly one of --model-dir and --saved-model")
     # Test sets are scored as they are: no length-ratio filter (empty pairs are still dropped
     # and counted in the corpus report).
     corpus = corpus_from_config(
@@ -45,20 +93,31 @@ def evaluate(
         target_lang,
     )
     sources, references = corpus.sources[:limit], corpus.targets[:limit]
-    translator = Translator(
-        model,
-        tokenizer,
-        beam_size=beam_size,
-        length_penalty_alpha=length_penalty_alpha,
-        batch_size=batch_size,
-    )
     start = time.monotonic()
-    hypotheses = translator.translate(sources)
+    if saved_model is not None:
+        if beam_size is not None or length_penalty_alpha is not None:
+            raise ValueError(
+                "a SavedModel decodes as it was exported: choose --signature, not --beam-size "
+                "or --alpha"
+            )
+        hypotheses, description = translate_with_saved_model(
+            saved_model, sources, signature, batch_size
+        )
+    else:
+        hypotheses, description = translate_with_model_dir(
+            model_dir,
+            sources,
+            checkpoint,
+            beam_size=beam_size,
+            length_penalty_alpha=length_penalty_alpha,
+            batch_size=batch_size,
+        )
     seconds = time.monotonic() - start
     bleu, chrf = sacrebleu.metrics.BLEU(), sacrebleu.metrics.CHRF()
     bleu_score = bleu.corpus_score(hypotheses, [references])
     chrf_score = chrf.corpus_score(hypotheses, [references])
-    output = Path(output) if output else model_dir / f"hypotheses.{target_lang}.txt"
+    default_output = Path(model_dir or saved_model) / f"hypotheses.{target_lang}.txt"
+    output = Path(output) if output else default_output
     output.write_text("".join(h + "\n" for h in hypotheses))
     return {
         "bleu": round(bleu_score.score, 2),
@@ -68,10 +127,7 @@ def evaluate(
         "sentences": len(sources),
         "corpus": corpus.report(),
         "direction": f"{source_lang}-{target_lang}",
-        "checkpoint": str(weights),
-        "decoding": "greedy"
-        if beam_size == 1
-        else f"beam {beam_size}, alpha {length_penalty_alpha}",
+        **description,
         "decode_seconds": round(seconds, 1),
         "hypotheses": str(output),
     }
@@ -79,14 +135,22 @@ def evaluate(
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__)
-    parser.add_argument("--model-dir", required=True)
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--model-dir", help="a training run's directory")
+    model.add_argument("--saved-model", help="an export's version folder (BASE/NAME/VERSION)")
     parser.add_argument("--corpus", required=True, help="e.g. text:PREFIX or sgml:PREFIX")
     parser.add_argument("--source-lang", default="en")
     parser.add_argument("--target-lang", default="de")
     parser.add_argument("--checkpoint", default="auto", help="auto|averaged|best|final|last|PATH")
-    parser.add_argument("--beam-size", type=int, default=4, help="1 = greedy search")
-    parser.add_argument("--alpha", type=float, default=0.6, help="length penalty alpha")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--signature",
+        default="serving_default",
+        choices=SAVED_MODEL_SIGNATURES,
+        help="with --saved-model: the signature that translates",
+    )
+    parser.add_argument("--beam-size", type=int, help="1 = greedy (default: the run's)")
+    parser.add_argument("--alpha", type=float, help="length penalty alpha (default: the run's)")
+    parser.add_argument("--batch-size", type=int, help="sentences per batch (default: the run's)")
     parser.add_argument("--limit", type=int, help="only the first N segments")
     parser.add_argument("--output", help="hypotheses file")
     args = parser.parse_args(argv)
@@ -102,6 +166,8 @@ def main(argv=None) -> int:
             batch_size=args.batch_size,
             limit=args.limit,
             output=args.output,
+            saved_model=args.saved_model,
+            signature=args.signature,
         )
     except (FileNotFoundError, CorpusError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -58,20 +58,54 @@ def resolve_weights(model_dir: str | Path, checkpoint: str = "auto") -> Path:
     return path
 
 
+def load_tokenizer(model_dir: str | Path):
+    """The `SubwordTokenizer` of the run's `spm.model`."""
+    from keras_transformer.translation.tokenizer import SubwordTokenizer
+
+    return SubwordTokenizer(Path(model_dir) / VOCAB)
+
+
 def load_transformer(model_dir: str | Path, checkpoint: str = "auto"):
     """Rebuilds the model of `model_dir` from its `TransformerConfig` and loads its weights.
+
+    A config that disagrees with the directory's `spm.model` (special ids, vocabulary size) is
+    refused (`check_vocabulary`).
 
     Returns:
         `(model, weights_path)`.
     """
+    from keras_transformer.translation.tokenizer import check_vocabulary
+
     model_dir = Path(model_dir)
     config_path = model_dir / TRANSFORMER_CONFIG
     if not config_path.is_file():
         raise FileNotFoundError(f"{model_dir} is not a model directory: no {TRANSFORMER_CONFIG}")
-    model = build_transformer(TransformerConfig.from_json(config_path))
+    config = TransformerConfig.from_json(config_path)
+    if (model_dir / VOCAB).is_file():
+        check_vocabulary(config, load_tokenizer(model_dir), config_name=TRANSFORMER_CONFIG)
+    model = build_transformer(config)
     weights = resolve_weights(model_dir, checkpoint)
     model.load_weights(weights)
     return model, weights
+
+
+def load_translator(
+    model_dir: str | Path,
+    checkpoint: str = "auto",
+    settings: DecodeSettings | None = None,
+    **translator_options,
+):
+    """The `Translator` of `model_dir`: its model, its tokenizer, and its decode settings
+    (`load_decode_settings`) unless `settings` is given.
+
+    Returns:
+        `(translator, weights_path)`.
+    """
+    from keras_transformer.translation.translator import Translator
+
+    model, weights = load_transformer(model_dir, checkpoint)
+    settings = settings or load_decode_settings(model_dir)
+    return Translator(model, load_tokenizer(model_dir), settings, **translator_options), weights
 
 
 def load_decode_settings(model_dir: str | Path) -> DecodeSettings:

@@ -31,18 +31,14 @@ class SubwordTokenizer(tf.Module):
         model_path: The ``.model`` file, as a string.
         model_proto: The serialized model bytes.
         vocab_size: Number of pieces, including the special ones.
-        pad_id, unk_id, bos_id, eos_id: 0, 1, 2, 3.
+        pad_id, unk_id, bos_id, eos_id: the special ids, read from the SentencePiece model
+            (a model whose ids are not `keras_transformer.config`'s 0, 1, 2, 3 is refused).
 
     Example:
         >>> tokenizer = SubwordTokenizer("runs/vocab/spm.model")
         >>> ids = tokenizer.tokenize(tf.constant(["A dog runs."]))  # RaggedTensor [1, (len)]
         >>> tokenizer.detokenize_ragged(ids)  # [b"A dog runs."]
     """
-
-    pad_id = PAD_ID
-    unk_id = UNK_ID
-    bos_id = BOS_ID
-    eos_id = EOS_ID
 
     def __init__(self, model_path: str | os.PathLike, name: str | None = None):
         super().__init__(name=name)
@@ -61,6 +57,7 @@ class SubwordTokenizer(tf.Module):
                 f"SentencePiece model {path} has (pad, unk, bos, eos) ids {found}, expected "
                 f"{expected}; train it with training.vocab"
             )
+        self.pad_id, self.unk_id, self.bos_id, self.eos_id = found
         self.vocab_size = len(proto.pieces)
         self.model_asset = tf.saved_model.Asset(self.model_path)
         self._sentencepiece = tf_text.SentencepieceTokenizer(
@@ -101,3 +98,41 @@ class SubwordTokenizer(tf.Module):
     def detokenize_ragged(self, ids: tf.RaggedTensor) -> tf.Tensor:
         """Like ``detokenize`` for int ``tf.RaggedTensor`` ``[batch, (length)]`` ids."""
         return self.detokenize(ids.to_tensor(default_value=self.pad_id))
+
+
+def check_vocabulary(config, tokenizer, config_name: str = "TransformerConfig") -> None:
+    """Refuses a model config that disagrees with its vocabulary.
+
+    Decoding starts from the config's `bos_id`, stops at its `eos_id` and pads with its `pad_id`,
+    while the tokenizer appends the vocabulary's eos and detokenization drops the vocabulary's
+    specials; the output projection has `target_vocab_size` rows, one per SentencePiece piece.
+    Any disagreement silently breaks translation, so it is an error wherever the two meet
+    (training, loading a model directory, building a `Translator`).
+
+    Args:
+        config: a `keras_transformer.TransformerConfig`.
+        tokenizer: the `SubwordTokenizer` of the run's `spm.model`.
+        config_name: where the config came from, for the message (e.g. a file name).
+
+    Raises:
+        ValueError: naming each disagreeing value on both sides, e.g.
+            "transformer_config.json eos_id=5 but spm.model eos_id=3".
+    """
+    vocabulary = Path(tokenizer.model_path).name
+    problems = [
+        f"{config_name} {name}={getattr(config, name)} but {vocabulary} {name}="
+        f"{getattr(tokenizer, name)}"
+        for name in ("pad_id", "bos_id", "eos_id")
+        if getattr(config, name) != getattr(tokenizer, name)
+    ]
+    # One SentencePiece model holds both languages: source and target tables are its size.
+    sizes = {"vocab_size": config.vocab_size}
+    if config.target_vocab_size is not None:
+        sizes["target_vocab_size"] = config.target_vocab_size
+    problems += [
+        f"{config_name} {name}={size} but {vocabulary} has {tokenizer.vocab_size} pieces"
+        for name, size in sizes.items()
+        if size != tokenizer.vocab_size
+    ]
+    if problems:
+        raise ValueError("The model config disagrees with its vocabulary: " + "; ".join(problems))

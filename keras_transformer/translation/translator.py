@@ -1,83 +1,264 @@
-"""Batch translation of sentences with a trained model: tokenize, decode, detokenize."""
+"""`Translator`: text -> ids -> search -> text for a `Transformer`, the one place it is done.
+
+`training.evaluate`, the dev-BLEU callback, the decoding benchmark and the SavedModel export all
+use this module, so the BLEU printed in training is the BLEU of the graph that is served.
+"""
 
 from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
 
 import numpy as np
 import tensorflow as tf
 
 from keras_transformer.decoding import beam_search, greedy_search
+from keras_transformer.decoding.settings import DecodeSettings
+from keras_transformer.translation.tokenizer import check_vocabulary
+
+TEXT_SPEC = tf.TensorSpec([None], tf.string, name="text")
+IDS_SPEC = tf.TensorSpec([None, None], tf.int32, name="source_ids")
 
 
-class Translator:
-    """Translates lists of sentences with greedy search (`beam_size=1`) or beam search.
+class Translator(tf.Module):
+    """A `Transformer`, its tokenizer and its `DecodeSettings` behind text and id signatures.
 
-    Sentences are sorted by length and decoded in batches, so little compute goes to padding;
-    results come back in the input order. The decoding loop runs as one `tf.function` graph,
-    traced once per decoding mode.
+    Input handling (every input has a defined result, never a graph error):
+    - bytes that are not valid UTF-8 are replaced by U+FFFD before tokenization;
+    - empty or whitespace-only text -> an empty translation (and score 0);
+    - more than `config.max_length - 1` source tokens -> the first `max_length - 1` are kept,
+      eos is appended, and `truncated` is True;
+    - a batch of zero strings -> zero results.
+
+    Signatures (`tf.function`s with fixed input signatures; `signatures()` for the export):
+    - `serving_default(text [batch])` -> `translations [batch]`, `truncated [batch]`: beam
+      search with `settings.beam_size` (greedy search when it is 1).
+    - `beam(text)` -> also `nbest_translations [batch, nbest]` and `nbest_scores [batch, nbest]`
+      (length-penalized log-probabilities, best first).
+    - `greedy(text)` -> `translations`, `truncated`: greedy search.
+    - `greedy_ids(source_ids int32 [batch, length])`, `beam_ids(source_ids)` -> `target_ids`
+      int32 `[batch, target_length]`, `scores` float32 `[batch]`: the searches on ids that end
+      in eos and are padded with `pad_id`, without tokenization.
+
+    Python list API: `translate(sentences)` and `translate_nbest(sentences)` sort the sentences
+    by source length, run the signatures above on batches of `settings.batch_size` and return
+    the results in input order. Search results do not depend on the other rows of a batch
+    (padding is masked), so this equals one sentence at a time and the served model.
 
     Args:
-        model: a `keras_transformer.Transformer`.
-        tokenizer: the `SubwordTokenizer` of the model's vocabulary.
-        beam_size: 1 for greedy search, else beam search with this many beams.
-        length_penalty_alpha: GNMT length penalty of beam search.
-        extra_length: hypotheses may be this much longer than their source.
-        batch_size: sentences per decoding batch.
+        model: a trained `keras_transformer.Transformer`.
+        tokenizer: the `SubwordTokenizer` of its vocabulary (`check_vocabulary` is applied), or
+            `None` for a module with only the id signatures (random-weight benchmarks).
+        settings: `DecodeSettings`; the paper's defaults when `None`.
+        fixed_output_length: if set, every output has exactly this many tokens (end of
+            sentence is ignored): for throughput comparisons with other engines, not for
+            translation.
+        name: module name.
+
+    Example:
+        >>> translator = Translator(model, tokenizer, DecodeSettings(beam_size=4))
+        >>> translator.translate(["A dog runs.", ""])  # ["Ein Hund rennt.", ""]
+        >>> translator.serving_default(tf.constant(["A dog runs."]))["translations"]
     """
 
     def __init__(
         self,
         model,
         tokenizer,
-        beam_size=4,
-        length_penalty_alpha=0.6,
-        extra_length=50,
-        batch_size=64,
+        settings: DecodeSettings | None = None,
+        *,
+        fixed_output_length: int | None = None,
+        name: str = "translation",
     ):
+        super().__init__(name=name)
+        if tokenizer is not None:
+            check_vocabulary(model.config, tokenizer)
         self.model = model
         self.tokenizer = tokenizer
-        self.beam_size = int(beam_size)
-        self.batch_size = int(batch_size)
-        self.max_source_length = model.config.max_length - 1
-        signature = [tf.TensorSpec([None, None], tf.int32)]
-        if self.beam_size == 1:
-            search = lambda ids: greedy_search(model, ids, extra_length=extra_length)["target_ids"]
+        self.settings = settings or DecodeSettings()
+        self.nbest = self.settings.resolved_nbest
+        self.fixed_output_length = fixed_output_length
+        # Source tokens plus eos fill the positional table; outputs are capped by the search.
+        self.max_source_tokens = model.config.max_length - 1
+        if fixed_output_length:
+            self._length_options = dict(max_output_length=int(fixed_output_length), ignore_eos=True)
         else:
+            self._length_options = dict(extra_length=self.settings.extra_length)
 
-            def search(ids):
-                result = beam_search(
-                    model,
-                    ids,
-                    beam_size=self.beam_size,
-                    length_penalty_alpha=length_penalty_alpha,
-                    extra_length=extra_length,
-                )
-                return result["target_ids"][:, 0]
+    def describe(self) -> dict:
+        """What this module does to its inputs, as recorded in an export's `export.json`."""
+        return {
+            "decode_settings": self.settings.to_dict(),
+            "nbest": self.nbest,
+            "max_source_tokens": self.max_source_tokens,
+            "fixed_output_length": self.fixed_output_length,
+        }
 
-        self._search = tf.function(search, input_signature=signature)
+    # -- text <-> ids ------------------------------------------------------------------------
+    @staticmethod
+    def repair(text: tf.Tensor) -> tf.Tensor:
+        """Replaces every byte sequence that is not valid UTF-8 by U+FFFD."""
+        return tf.strings.unicode_transcode(
+            text, "UTF-8", "UTF-8", errors="replace", replacement_char=0xFFFD
+        )
 
-    def encode(self, sentences: list[str]) -> list[np.ndarray]:
-        """Source ids (tokens + eos) per sentence, cut to the model's maximum length."""
-        ragged = self.tokenizer.tokenize(tf.constant(sentences, tf.string))
-        eos = self.tokenizer.eos_id
+    def encode(self, text: tf.Tensor):
+        """Text to source ids.
+
+        Args:
+            text: `tf.string` `[batch]`.
+
+        Returns:
+            `(source_ids, empty, truncated)`: int32 `[batch, length]` (tokens, eos, then
+            `pad_id`), bool `[batch]` (empty or whitespace-only text), bool `[batch]` (tokens
+            were cut).
+        """
+        text = self.repair(text)
+        empty = tf.equal(tf.strings.length(tf.strings.strip(text)), 0)
+        tokens = self.tokenizer.tokenize(text)
+        truncated = tokens.row_lengths() > self.max_source_tokens
+        tokens = tf.cast(tokens[:, : self.max_source_tokens], tf.int32)
+        eos = tf.fill([tokens.nrows(), 1], tf.constant(self.tokenizer.eos_id, tf.int32))
+        source_ids = tf.concat([tokens, eos], axis=1).to_tensor(self.tokenizer.pad_id)
+        return source_ids, empty, truncated
+
+    def source_lengths(self, text: tf.Tensor) -> tf.Tensor:
+        """int64 `[batch]`: source tokens per sentence before truncation (to sort by)."""
+        return self.tokenizer.tokenize(self.repair(text)).row_lengths()
+
+    # -- searches ----------------------------------------------------------------------------
+    def search(self, source_ids: tf.Tensor, beam_size: int, num_returned: int = 1):
+        """Greedy (`beam_size == 1`) or beam search.
+
+        Args:
+            source_ids: int32 `[batch, length]`, each row ending in eos, padded with `pad_id`.
+            beam_size: a Python int.
+            num_returned: hypotheses returned per sentence (1 for greedy search).
+
+        Returns:
+            `(target_ids, scores)`: int32 `[batch, num_returned, target_length]`, float32
+            `[batch, num_returned]`.
+        """
+
+        def run():
+            if beam_size == 1:
+                result = greedy_search(self.model, source_ids, **self._length_options)
+                return result["target_ids"][:, None], result["scores"][:, None]
+            result = beam_search(
+                self.model,
+                source_ids,
+                beam_size=beam_size,
+                length_penalty_alpha=self.settings.length_penalty_alpha,
+                num_returned=num_returned,
+                **self._length_options,
+            )
+            return result["target_ids"], result["scores"]
+
+        def nothing():
+            return tf.zeros([0, num_returned, 1], tf.int32), tf.zeros([0, num_returned])
+
+        # A batch of zero rows skips decoding: "zero in, zero out" without a loop over nothing.
+        return tf.cond(tf.shape(source_ids)[0] > 0, run, nothing)
+
+    def _translate(self, text, beam_size, num_returned):
+        """Text `[batch]` -> texts `[batch, num_returned]`, scores, truncated."""
+        source_ids, empty, truncated = self.encode(text)
+        target_ids, scores = self.search(source_ids, beam_size, num_returned)
+        shape = tf.shape(target_ids)
+        texts = self.tokenizer.detokenize(tf.reshape(target_ids, [-1, shape[2]]))
+        texts = tf.reshape(texts, shape[:2])
+        empty = empty[:, None]
+        return tf.where(empty, "", texts), tf.where(empty, 0.0, scores), truncated
+
+    @tf.function(input_signature=[TEXT_SPEC])
+    def serving_default(self, text):
+        texts, _, truncated = self._translate(text, self.settings.beam_size, 1)
+        return {"translations": texts[:, 0], "truncated": truncated}
+
+    @tf.function(input_signature=[TEXT_SPEC])
+    def beam(self, text):
+        texts, scores, truncated = self._translate(text, self.settings.beam_size, self.nbest)
+        return {
+            "translations": texts[:, 0],
+            "nbest_translations": texts,
+            "nbest_scores": scores,
+            "truncated": truncated,
+        }
+
+    @tf.function(input_signature=[TEXT_SPEC])
+    def greedy(self, text):
+        texts, _, truncated = self._translate(text, 1, 1)
+        return {"translations": texts[:, 0], "truncated": truncated}
+
+    @tf.function(input_signature=[IDS_SPEC])
+    def greedy_ids(self, source_ids):
+        target_ids, scores = self.search(source_ids, 1)
+        return {"target_ids": target_ids[:, 0], "scores": scores[:, 0]}
+
+    @tf.function(input_signature=[IDS_SPEC])
+    def beam_ids(self, source_ids):
+        target_ids, scores = self.search(source_ids, self.settings.beam_size)
+        return {"target_ids": target_ids[:, 0], "scores": scores[:, 0]}
+
+    def signatures(self) -> dict:
+        """The SavedModel signatures, name -> `tf.function`; without a tokenizer, ids only."""
+        ids = {"greedy_ids": self.greedy_ids, "beam_ids": self.beam_ids}
+        if self.tokenizer is None:
+            return ids
+        text = {"serving_default": self.serving_default, "beam": self.beam, "greedy": self.greedy}
+        return {**text, **ids}
+
+    # -- Python list API ---------------------------------------------------------------------
+    def translate(
+        self, sentences: Sequence[str | bytes], beam_size: int | None = None
+    ) -> list[str]:
+        """Translations of `sentences`, in order, through the `serving_default` signature.
+
+        Args:
+            sentences: `str` (or raw `bytes`, which may be invalid UTF-8) per sentence.
+            beam_size: overrides `settings.beam_size` (1 = greedy search); another beam size
+                than the settings' traces a separate `Translator`, so pass settings with it
+                to reuse one.
+        """
+        if beam_size is not None and beam_size != self.settings.beam_size:
+            settings = dataclasses.replace(self.settings, beam_size=beam_size, nbest=None)
+            other = Translator(
+                self.model,
+                self.tokenizer,
+                settings,
+                fixed_output_length=self.fixed_output_length,
+            )
+            return other.translate(sentences)
+        rows = self._run_in_batches(self.serving_default, sentences)
+        return [row["translations"].decode("utf-8") for row in rows]
+
+    def translate_nbest(self, sentences: Sequence[str | bytes]) -> list[list[tuple[str, float]]]:
+        """The `beam` signature's `settings.nbest` hypotheses per sentence, best first, as
+        `(translation, length-penalized log-probability)` pairs."""
+        rows = self._run_in_batches(self.beam, sentences)
         return [
-            np.append(ids[: self.max_source_length - 1], eos).astype("int32")
-            for ids in ragged.numpy()
+            [
+                (text.decode("utf-8"), float(score))
+                for text, score in zip(row["nbest_translations"], row["nbest_scores"], strict=True)
+            ]
+            for row in rows
         ]
 
-    def translate(self, sentences: list[str]) -> list[str]:
+    def _run_in_batches(self, signature, sentences) -> list[dict[str, np.ndarray]]:
+        """Runs a text signature on length-sorted batches; one output row per sentence, in order."""
+        if isinstance(sentences, (str, bytes)):
+            raise TypeError(f"sentences must be a list of sentences, got one: {sentences[:50]!r}")
+        sentences = list(sentences)
         if not sentences:
             return []
-        encoded = self.encode(list(sentences))
-        order = np.argsort([len(ids) for ids in encoded], kind="stable")
-        results: list[str] = [""] * len(sentences)
-        for start in range(0, len(order), self.batch_size):
-            rows = order[start : start + self.batch_size]
-            width = max(len(encoded[row]) for row in rows)
-            batch = np.zeros((len(rows), width), "int32")
-            for i, row in enumerate(rows):
-                batch[i, : len(encoded[row])] = encoded[row]
-            target_ids = self._search(tf.constant(batch))
-            texts = self.tokenizer.detokenize(target_ids).numpy()
-            for row, text in zip(rows, texts, strict=True):
-                results[row] = text.decode("utf-8")
-        return results
+        text = tf.constant(sentences, tf.string)
+        order = np.argsort(self.source_lengths(text).numpy(), kind="stable")
+        rows: list[dict[str, np.ndarray]] = [{}] * len(sentences)
+        for start in range(0, len(order), self.settings.batch_size):
+            batch = order[start : start + self.settings.batch_size]
+            outputs = {
+                key: value.numpy() for key, value in signature(tf.gather(text, batch)).items()
+            }
+            for index, row in enumerate(batch):
+                rows[row] = {key: value[index] for key, value in outputs.items()}
+        return rows

@@ -9,9 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
+from tiny_run import SETTINGS, tiny_export, tiny_model_dir
 
+from keras_transformer.translation import model_dir as layout
 from serving.client import TranslationClient
-from serving.export import TranslationModule, export
+from serving.export import export
 from serving.graph_ops import ALLOWED_OPS, saved_model_ops
 from serving.model_config import make_model_server_config
 
@@ -21,39 +23,24 @@ SIGNATURES = ("serving_default", "beam", "greedy", "greedy_ids", "beam_ids")
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, shared_data_dir):
-    from training.run_config import load_run_config
-    from training.train import train
-
-    model_dir = tmp_path_factory.mktemp("run") / "tiny"
-    config = load_run_config(
-        [ROOT / "training" / "configs" / "tiny.yaml"],
-        [f"train.model_dir={model_dir}", "train.max_steps=30", "train.eval_sentences=0"],
-    )
-    train(config)
     sentences = (shared_data_dir / "multi30k" / "test_2016_flickr.en").read_text().splitlines()
-    return model_dir, sentences[:6]
+    return tiny_model_dir(tmp_path_factory, shared_data_dir), sentences[:6]
 
 
 @pytest.fixture(scope="module")
-def exported(trained_run, tmp_path_factory):
-    base = tmp_path_factory.mktemp("exports") / "transformer"
-    version = export(trained_run[0], base / "1")
-    return base, version
+def exported(trained_run, tmp_path_factory, shared_data_dir):
+    base = tiny_export(tmp_path_factory, shared_data_dir)
+    return base, base / "1"
 
 
 @pytest.fixture(scope="module")
 def in_process(trained_run):
-    """Translations of the in-memory model through the training code's Translator."""
-    from keras_transformer.translation import model_dir as layout
-    from keras_transformer.translation.tokenizer import SubwordTokenizer
-    from keras_transformer.translation.translator import Translator
-
+    """Translations of the in-memory model through `Translator`'s list API (evaluate's path)."""
     model_dir, sentences = trained_run
-    model, _ = layout.load_transformer(model_dir)
-    tokenizer = SubwordTokenizer(model_dir / layout.VOCAB)
+    translator, _ = layout.load_translator(model_dir)
     return {
-        "greedy": Translator(model, tokenizer, beam_size=1).translate(sentences),
-        "beam": Translator(model, tokenizer, beam_size=4).translate(sentences),
+        "greedy": translator.translate(sentences, beam_size=1),
+        "beam": translator.translate(sentences),
     }
 
 
@@ -95,6 +82,10 @@ def test_export_layout_and_refusals(exported, trained_run):
         "greedy",
     ]
     assert json.loads((version / "assets.extra" / "transformer_config.json").read_text())
+    # The decoding is the run's decode_settings.json (beam 3, 2 returned), not the defaults.
+    record = json.loads((version / "assets.extra" / "export.json").read_text())
+    assert record["decode_settings"] == SETTINGS.to_dict()
+    assert record["max_source_tokens"] == 63
     with pytest.raises(FileExistsError, match="versions are immutable"):
         export(trained_run[0], version)
     with pytest.raises(ValueError, match="numeric version folder"):
@@ -132,7 +123,7 @@ def test_fresh_process_reload_matches_the_in_process_model(exported, trained_run
 
 def test_awkward_inputs_give_defined_results(exported):
     loaded = tf.saved_model.load(str(exported[1]))
-    texts = tf.constant(["", "   \t ", b"caf\xc3 \xff\xfe", "word " * 500, "A dog runs."])
+    texts = tf.constant(["", "   \t ", b"caf\xc3 \xff\xfe", "word " * 100, "A dog runs."])
     for name in ("serving_default", "beam", "greedy"):
         out = loaded.signatures[name](text=texts)
         translations = out["translations"].numpy()
@@ -140,7 +131,7 @@ def test_awkward_inputs_give_defined_results(exported):
         assert out["truncated"].numpy().tolist() == [False, False, False, True, False]
     beam = loaded.signatures["beam"](text=texts)
     scores = beam["nbest_scores"].numpy()
-    assert beam["nbest_translations"].shape == (5, 4)
+    assert beam["nbest_translations"].shape == (5, SETTINGS.nbest)
     assert np.all(np.diff(scores, axis=1) <= 1e-6)  # n-best sorted, best first
     for name in ("serving_default", "beam", "greedy"):
         empty = loaded.signatures[name](text=tf.constant([], tf.string))
@@ -149,24 +140,14 @@ def test_awkward_inputs_give_defined_results(exported):
     assert ids["target_ids"].shape[0] == 0
 
 
-def test_translation_module_refuses_nothing_in_process(trained_run):
-    """The tf.function signatures also run eagerly from Python, without saving."""
-    from keras_transformer.translation import model_dir as layout
-    from keras_transformer.translation.tokenizer import SubwordTokenizer
-
-    model, _ = layout.load_transformer(trained_run[0])
-    module = TranslationModule(model, SubwordTokenizer(trained_run[0] / layout.VOCAB))
-    out = module.greedy(tf.constant(trained_run[1][:2]))
-    assert out["translations"].shape == (2,)
-    # The benchmarking option: exactly N tokens, end of sentence ignored.
-    fixed = TranslationModule(
-        model, SubwordTokenizer(trained_run[0] / layout.VOCAB), fixed_output_length=5
-    )
+def test_fixed_output_length_emits_exactly_n_tokens(trained_run):
+    """The benchmarking option: exactly N tokens, end of sentence ignored."""
+    translator, _ = layout.load_translator(trained_run[0], fixed_output_length=5)
     source_ids = tf.constant([[5, 6, 7, 3], [8, 3, 0, 0]], tf.int32)
     for name in ("greedy_ids", "beam_ids"):
-        target_ids = getattr(fixed, name)(source_ids)["target_ids"].numpy()
+        target_ids = getattr(translator, name)(source_ids)["target_ids"].numpy()
         assert target_ids.shape == (2, 5) and (target_ids != 0).all()
-        assert (target_ids != model.config.eos_id).all()
+        assert (target_ids != translator.model.config.eos_id).all()
 
 
 def test_served_translations_equal_the_in_process_model(
