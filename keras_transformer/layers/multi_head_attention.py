@@ -32,6 +32,11 @@ class HeadProjection(keras.layers.EinsumDense):
         super().__init__(equation, output_shape, **kwargs)
         self.contracted_axes = _contracted_axes(equation)
 
+    def quantize(self, mode=None, type_check=True, config=None):
+        # `EinsumDense` refuses to quantize subclasses, whose `call` may compute something
+        # else; once quantized, Keras runs `EinsumDense.quantized_call`, never this `call`.
+        return super().quantize(mode, type_check=False, config=config)
+
     def call(self, inputs, training=None):
         if self.lora_enabled:
             return super().call(inputs, training=training)

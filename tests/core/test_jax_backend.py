@@ -1,4 +1,5 @@
-"""The same model builds, trains and decodes with KERAS_BACKEND=jax (in a subprocess)."""
+"""The same model builds, trains and decodes with KERAS_BACKEND=jax (in a subprocess): the
+default decode step leaves its state unchanged, and the searches' in-place opt-in agrees."""
 
 import importlib.util
 import json
@@ -28,8 +29,23 @@ memory, mask = model.encode(x["source_ids"])
 state = model.init_decoder_state(memory, mask, max_length=12)
 logits, state = model.decode_step(x["target_ids"][:, 0], 0, state)
 step_error = float(np.abs(keras.ops.convert_to_numpy(logits) - full[:, 0]).max())
+# Decoding twice from one state: the default path must leave that state's caches alone.
+tokens = x["target_ids"][:, 1]
+first, _ = model.decode_step(tokens, 1, state)
+other, _ = model.decode_step(tokens + 1, 1, state)
+again, _ = model.decode_step(tokens, 1, state)
+cache = keras.ops.convert_to_numpy(state["key_caches"][0])
+# The opt-in path (what the searches use) gives the same logits.
+opt_state = model.init_decoder_state(memory, mask, max_length=12, in_place=True)
+_, opt_state = model.decode_step(x["target_ids"][:, 0], 0, opt_state, in_place=True)
+opt_logits, _ = model.decode_step(tokens, 1, opt_state, in_place=True)
+numpy = keras.ops.convert_to_numpy
 print(json.dumps({"backend": keras.config.backend(), "losses": losses, "changed": changed,
-                  "weights": len(before), "step_error": step_error}))
+                  "weights": len(before), "step_error": step_error,
+                  "repeat_error": float(np.abs(numpy(again) - numpy(first)).max()),
+                  "other_gap": float(np.abs(numpy(other) - numpy(first)).max()),
+                  "later_rows_written": bool(cache[:, :, 1:].any()),
+                  "in_place_error": float(np.abs(numpy(opt_logits) - numpy(first)).max())}))
 """
 
 
@@ -52,3 +68,6 @@ def test_train_step_and_decode_step_on_jax():
     assert report["losses"][-1] < report["losses"][0]
     assert report["changed"] == report["weights"]
     assert report["step_error"] < 1e-4
+    assert report["repeat_error"] < 1e-6 and report["other_gap"] > 1e-4
+    assert not report["later_rows_written"]
+    assert report["in_place_error"] < 1e-5

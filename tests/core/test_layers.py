@@ -120,15 +120,30 @@ def test_init_decoder_state_rejects_a_cache_longer_than_positions():
         model.init_decoder_state(memory, mask, max_length=100)
 
 
-def test_tied_projection_gradient_stays_small():
-    """A broadcasting einsum gradient would build [batch, length, vocab, d] (67 GB here)."""
+def test_tied_projection_gradient_builds_no_per_position_copy_of_the_table():
+    """A broadcasting einsum (`"...d,vd->...v"`) gradient builds a [batch, length, vocab, d]
+    tensor (67 GB for a `base` batch). Traces the gradient and checks every tensor's size."""
     tf = pytest.importorskip("tensorflow")
     if keras.config.backend() != "tensorflow":
-        pytest.skip("checks TensorFlow's einsum gradient")
-    layer = TokenAndPositionEmbedding(16000, 512, max_length=8)
+        pytest.skip("inspects a TensorFlow graph")
+    batch, length, vocab, dim = 4, 8, 500, 32
+    layer = TokenAndPositionEmbedding(vocab, dim, max_length=8)
     layer.build()
-    hidden = tf.random.normal([64, 32, 512])
-    with tf.GradientTape() as tape:
-        loss = tf.reduce_sum(layer(hidden, reverse=True))
-    gradient = tape.gradient(loss, layer.embeddings.value)
-    assert tuple(gradient.shape) == (16000, 512)
+
+    @tf.function
+    def gradient(hidden):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(layer(hidden, reverse=True))
+        return tape.gradient(loss, layer.embeddings.value)
+
+    graph = gradient.get_concrete_function(tf.TensorSpec([batch, length, dim])).graph
+    sizes = [
+        output.shape.num_elements()
+        for op in graph.get_operations()
+        for output in op.outputs
+        if output.dtype.is_floating
+    ]
+    assert None not in sizes, "every float tensor of the gradient has a static shape"
+    assert batch * length * vocab in sizes  # the logits, so the inspection sees the product
+    assert max(sizes) < batch * length * vocab * dim
+    assert tuple(gradient(tf.random.normal([batch, length, dim])).shape) == (vocab, dim)

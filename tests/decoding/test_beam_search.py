@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from keras_transformer import TransformerConfig, build_transformer
 from keras_transformer.decoding import beam_search, greedy_search
-from tests.decoding.copy_model import copy_sources, trained_copy_model
+from tests.decoding.copy_model import CopyOracle, copy_sources, random_model
 from tests.decoding.markov_model import EOS, FILLERS, A, B, MarkovModel, trap_table
 
 
@@ -23,7 +23,8 @@ def penalty(lengths, alpha):
 
 @pytest.fixture(scope="module")
 def model():
-    return trained_copy_model()
+    """Random weights: every property checked on it holds for any weights."""
+    return random_model()
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +83,25 @@ def test_beam_finds_the_best_output_where_greedy_falls_into_the_trap(mode):
     assert set(runner_up[:, 1].tolist()) <= set(FILLERS)
     greedy_ids = numpy(greedy(tf.constant(sources)))["target_ids"]
     np.testing.assert_array_equal(greedy_ids[:, 0], [A, A])
+
+
+@pytest.mark.parametrize("mode", ["eager", "graph"])
+def test_beam_returns_the_copy_oracles_output(mode):
+    """A model whose best output is known (the source) and ends each sentence at a different
+    length: the best hypothesis is it, the runner-up differs, and the rows are padded."""
+    oracle = CopyOracle()
+    sources = copy_sources(oracle.config, 5)
+    search = nbest_search(oracle)
+    if mode == "graph":
+        search = tf.function(search, input_signature=[tf.TensorSpec([None, None], tf.int32)])
+    result = numpy(search(tf.constant(sources)))
+    want_ids, want_lengths = oracle.expected_output(sources)
+    np.testing.assert_array_equal(result["lengths"][:, 0], want_lengths)
+    np.testing.assert_array_equal(result["target_ids"][:, 0, : sources.shape[1]], want_ids)
+    np.testing.assert_allclose(result["log_probs"][:, 0], want_lengths * np.log(oracle.p_copy))
+    assert (result["scores"][:, 1] < result["scores"][:, 0]).all()
+    for row, length in zip(result["target_ids"][:, 0], want_lengths, strict=True):
+        assert not row[length:].any()
 
 
 def test_nbest_is_sorted_distinct_and_scored_by_the_gnmt_penalty(nbest):

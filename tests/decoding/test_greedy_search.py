@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_transformer import TransformerConfig, build_transformer
 from keras_transformer.decoding import beam_search, greedy_search, uncached_greedy_search
-from tests.decoding.copy_model import copy_sources, trained_copy_model
+from tests.decoding.copy_model import CopyOracle, copy_sources, random_model
 
 # The uncached reference's first step attends over a one-token prefix, which Keras flags.
 pytestmark = pytest.mark.filterwarnings("ignore:You are using a softmax over axis -1")
@@ -26,7 +25,7 @@ def numpy(result):
 
 @pytest.fixture(scope="module")
 def model():
-    return trained_copy_model()
+    return random_model()
 
 
 @pytest.fixture(scope="module")
@@ -34,24 +33,37 @@ def sources(model):
     return copy_sources(model.config, 6)
 
 
-def test_cached_greedy_equals_greedy_by_full_passes(model, sources):
-    cached = numpy(greedy_search(model, sources, extra_length=4))
-    uncached = numpy(uncached_greedy_search(model, sources, extra_length=4))
-    np.testing.assert_array_equal(cached["target_ids"], uncached["target_ids"])
-    np.testing.assert_array_equal(cached["lengths"], uncached["lengths"])
-    np.testing.assert_allclose(cached["scores"], uncached["scores"], atol=1e-4)
-    # The copy model ends sentences with eos at different lengths, and pads after it.
-    eos = model.config.eos_id
-    ids, lengths = cached["target_ids"], cached["lengths"]
-    assert len(set(lengths.tolist())) > 1
-    for row, length in zip(ids, lengths, strict=True):
-        assert row[length - 1] == eos and eos not in row[: length - 1]
+@pytest.fixture(scope="module")
+def oracle():
+    return CopyOracle()
+
+
+def check_eos_and_padding(result, limits, eos):
+    """Every row ends with eos or at its limit, has no earlier eos, and is padded after."""
+    for row, length, limit in zip(result["target_ids"], result["lengths"], limits, strict=True):
+        assert 1 <= length <= limit
+        assert row[length - 1] == eos or length == limit
+        assert eos not in row[: length - 1]
         assert not row[length:].any()
 
 
+@pytest.mark.parametrize("seed", [1, 2])
+def test_cached_greedy_equals_greedy_by_full_passes(sources, seed):
+    """Holds for any weights. Sentences stop at different steps (their limits differ with
+    their source lengths), so finished rows are carried along while others decode."""
+    model = random_model(seed)
+    cached = numpy(greedy_search(model, sources, extra_length=2))
+    uncached = numpy(uncached_greedy_search(model, sources, extra_length=2))
+    np.testing.assert_array_equal(cached["target_ids"], uncached["target_ids"])
+    np.testing.assert_array_equal(cached["lengths"], uncached["lengths"])
+    np.testing.assert_allclose(cached["scores"], uncached["scores"], atol=1e-4)
+    limits = (sources != 0).sum(axis=1) + 2
+    assert len(set(limits.tolist())) > 1  # by construction of the sources
+    check_eos_and_padding(cached, limits, model.config.eos_id)
+
+
 def test_pre_norm_random_model_cached_equals_uncached():
-    keras.utils.set_random_seed(4)
-    model = build_transformer(TransformerConfig.preset("tiny", norm_placement="pre"))
+    model = random_model(4, norm_placement="pre")
     sources = np.array([[9, 8, 7, 3, 0], [5, 6, 7, 8, 3]], "int32")
     cached = numpy(greedy_search(model, sources, max_output_length=7))
     uncached = numpy(uncached_greedy_search(model, sources, max_output_length=7))
@@ -59,28 +71,47 @@ def test_pre_norm_random_model_cached_equals_uncached():
     np.testing.assert_allclose(cached["scores"], uncached["scores"], atol=1e-4)
 
 
-def test_ignore_eos_forces_the_length(model, sources):
-    result = numpy(greedy_search(model, sources, max_output_length=9, ignore_eos=True))
+def test_greedy_stops_each_sentence_at_its_eos(oracle):
+    """The copy oracle ends every sentence with eos at a different, known length."""
+    sources = copy_sources(oracle.config, 6)
+    result = numpy(greedy_search(oracle, sources, extra_length=4))
+    want_ids, want_lengths = oracle.expected_output(sources)
+    np.testing.assert_array_equal(result["lengths"], want_lengths)
+    assert len(set(want_lengths.tolist())) > 1
+    np.testing.assert_array_equal(result["target_ids"][:, : sources.shape[1]], want_ids)
+    assert not result["target_ids"][:, sources.shape[1] :].any()
+    np.testing.assert_allclose(result["scores"], want_lengths * np.log(oracle.p_copy), rtol=1e-5)
+
+
+def test_ignore_eos_forces_the_length(oracle):
+    """Even where eos is the likeliest token, it is never produced."""
+    sources = copy_sources(oracle.config, 6)
+    result = numpy(greedy_search(oracle, sources, max_output_length=9, ignore_eos=True))
     assert result["target_ids"].shape == (len(sources), 9)
     np.testing.assert_array_equal(result["lengths"], 9)
-    assert (result["target_ids"] != model.config.eos_id).all()
+    assert (result["target_ids"] != oracle.config.eos_id).all()
 
 
-def test_default_limit_is_each_source_length_plus_extra(model, sources):
-    source_lengths = (sources != model.config.pad_id).sum(axis=1)
-    result = numpy(greedy_search(model, sources, extra_length=3, ignore_eos=True))
+def test_default_limit_is_each_source_length_plus_extra(oracle):
+    sources = copy_sources(oracle.config, 6)
+    source_lengths = (sources != oracle.config.pad_id).sum(axis=1)
+    result = numpy(greedy_search(oracle, sources, extra_length=3, ignore_eos=True))
     np.testing.assert_array_equal(result["lengths"], source_lengths + 3)
     assert result["target_ids"].shape[1] == sources.shape[1] + 3
     # Capped so that bos plus the output fit the positional table.
-    capped = numpy(greedy_search(model, sources[:1], extra_length=500, ignore_eos=True))
-    np.testing.assert_array_equal(capped["lengths"], model.config.max_length - 1)
+    capped = numpy(greedy_search(oracle, sources[:1], extra_length=500, ignore_eos=True))
+    np.testing.assert_array_equal(capped["lengths"], oracle.config.max_length - 1)
 
 
-def test_min_output_length_delays_eos(model, sources):
-    free = numpy(greedy_search(model, sources, extra_length=4))
-    delayed = numpy(greedy_search(model, sources, extra_length=4, min_output_length=8))
-    assert free["lengths"].min() < 8
-    assert (delayed["lengths"] >= np.minimum(8, (sources != 0).sum(1) + 4)).all()
+def test_min_output_length_delays_eos(oracle):
+    sources = copy_sources(oracle.config, 6)
+    source_lengths = (sources != 0).sum(axis=1)
+    assert source_lengths.min() < 8
+    delayed = numpy(greedy_search(oracle, sources, extra_length=4, min_output_length=8))
+    # Eos comes as soon as it is allowed (the oracle keeps preferring it past the source).
+    np.testing.assert_array_equal(
+        delayed["lengths"], np.minimum(np.maximum(source_lengths, 9), source_lengths + 4)
+    )
 
 
 @pytest.mark.parametrize("decode", ["greedy", "beam"])
