@@ -1,0 +1,143 @@
+"""`Translator` input handling and list API, and the config/vocabulary check, on a random
+`tiny` model with a small real vocabulary (no training: these are properties of the module)."""
+
+import dataclasses
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_transformer import TransformerConfig, build_transformer
+from keras_transformer.decoding.settings import DecodeSettings
+from keras_transformer.translation import model_dir as layout
+from keras_transformer.translation.tokenizer import check_vocabulary
+from keras_transformer.translation.translator import Translator
+
+MAX_LENGTH = 16
+SETTINGS = DecodeSettings(beam_size=2, batch_size=3, extra_length=3)
+
+
+@pytest.fixture(scope="module")
+def vocab_dir(tmp_path_factory, shared_data_dir):
+    """A model directory's vocabulary and config (no weights): 120 pieces, Multi30k val."""
+    from training.vocab import train_vocab
+
+    keras.utils.set_random_seed(0)  # before any tokenizer: it clears TF's kernel cache
+    folder = tmp_path_factory.mktemp("vocab")
+    texts = (shared_data_dir / "multi30k" / "val.en").read_text().splitlines()[:300]
+    train_vocab(texts, folder / "spm", vocab_size=120, seed=1)
+    tokenizer = layout.load_tokenizer(folder)
+    config = TransformerConfig.preset(
+        "tiny", vocab_size=tokenizer.vocab_size, max_length=MAX_LENGTH
+    )
+    config.to_json(folder / layout.TRANSFORMER_CONFIG)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def translator(vocab_dir):
+    config = TransformerConfig.from_json(vocab_dir / layout.TRANSFORMER_CONFIG)
+    return Translator(build_transformer(config), layout.load_tokenizer(vocab_dir), SETTINGS)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"eos_id": 5}, "TransformerConfig eos_id=5 but spm.model eos_id=3"),
+        ({"pad_id": 7, "bos_id": 6}, "pad_id=7 but spm.model pad_id=0; .* bos_id=6 but spm"),
+        ({"vocab_size": 121}, "vocab_size=121 but spm.model has 120 pieces"),
+        (
+            {"share_embeddings": False, "target_vocab_size": 99},
+            "target_vocab_size=99 but spm.model has 120 pieces",
+        ),
+    ],
+)
+def test_a_config_that_disagrees_with_its_vocabulary_is_refused(vocab_dir, changes, message):
+    tokenizer = layout.load_tokenizer(vocab_dir)
+    config = TransformerConfig.from_json(vocab_dir / layout.TRANSFORMER_CONFIG)
+    check_vocabulary(config, tokenizer)  # the directory's own config agrees
+    with pytest.raises(ValueError, match=message):
+        check_vocabulary(config.replace(**changes), tokenizer)
+    with pytest.raises(ValueError, match=message):
+        Translator(build_transformer(config.replace(**changes)), tokenizer)
+
+
+def test_loading_a_model_dir_checks_its_config_against_its_vocabulary(vocab_dir, tmp_path):
+    for name in (layout.VOCAB, layout.TRANSFORMER_CONFIG):
+        (tmp_path / name).write_bytes((vocab_dir / name).read_bytes())
+    config = TransformerConfig.from_json(tmp_path / layout.TRANSFORMER_CONFIG)
+    config.replace(eos_id=5).to_json(tmp_path / layout.TRANSFORMER_CONFIG)
+    # Refused before any checkpoint is looked for (the directory has none).
+    with pytest.raises(ValueError, match="transformer_config.json eos_id=5 but spm.model eos_id=3"):
+        layout.load_transformer(tmp_path)
+    with pytest.raises(ValueError, match="transformer_config.json eos_id=5"):
+        layout.load_translator(tmp_path)
+
+
+def test_tokenizer_reads_the_special_ids_of_its_model(vocab_dir):
+    tokenizer = layout.load_tokenizer(vocab_dir)
+    ids = (tokenizer.pad_id, tokenizer.unk_id, tokenizer.bos_id, tokenizer.eos_id)
+    assert ids == (0, 1, 2, 3)
+    assert tokenizer.vocab_size == 120
+
+
+def test_sources_keep_max_length_minus_one_tokens_then_eos(translator):
+    tokenizer, eos = translator.tokenizer, translator.tokenizer.eos_id
+    long = "A man in a blue shirt is standing on a ladder cleaning windows of a tall building."
+    short = "A dog."
+    long_tokens = tokenizer.tokenize(tf.constant([long])).numpy()[0].tolist()
+    short_tokens = tokenizer.tokenize(tf.constant([short])).numpy()[0].tolist()
+    assert len(long_tokens) > MAX_LENGTH and len(short_tokens) < MAX_LENGTH - 1
+    source_ids, empty, truncated = translator.encode(tf.constant([long, short, ""]))
+    # The full positional table is used: 15 tokens + eos, not 14 (the old evaluate path).
+    assert source_ids.shape == (3, MAX_LENGTH)
+    assert source_ids[0].numpy().tolist() == long_tokens[: MAX_LENGTH - 1] + [eos]
+    row = short_tokens + [eos]
+    assert source_ids[1].numpy().tolist() == row + [0] * (MAX_LENGTH - len(row))
+    assert source_ids[2].numpy().tolist() == [eos] + [0] * (MAX_LENGTH - 1)
+    assert truncated.numpy().tolist() == [True, False, False]
+    assert empty.numpy().tolist() == [False, False, True]
+
+
+def test_list_api_handles_awkward_input_and_keeps_the_order(translator):
+    sentences = [
+        "",
+        " \t ",
+        b"A dog \xff runs \xc3.",
+        "A dog \ufffd runs \ufffd.",
+        "Two dogs play in the snow near a big red house.",
+        "A man.",
+        "A woman rides a bike.",
+    ]
+    out = translator.translate(sentences)
+    assert out[:2] == ["", ""]
+    assert out[2] == out[3] and out[2]  # invalid UTF-8 reads as U+FFFD
+    assert translator.translate(sentences[::-1]) == out[::-1]
+    assert translator.translate([]) == []
+    with pytest.raises(TypeError, match="list of sentences"):
+        translator.translate("A dog runs.")
+    # Batches of 3 sorted by length give what one sentence at a time gives.
+    alone = [translator.translate([s])[0] for s in sentences]
+    assert alone == out
+
+
+def test_nbest_and_greedy_list_api_match_the_signatures(translator):
+    sentences = ["A man.", "A woman rides a bike.", ""]
+    nbest = translator.translate_nbest(sentences)
+    beam = translator.beam(tf.constant(sentences))
+    assert [[text for text, _ in row] for row in nbest] == [
+        [t.decode() for t in row] for row in beam["nbest_translations"].numpy()
+    ]
+    scores = np.array([[score for _, score in row] for row in nbest])
+    assert scores.shape == (3, SETTINGS.beam_size)
+    assert np.all(np.diff(scores[:2], axis=1) <= 0) and scores[2].tolist() == [0.0, 0.0]
+    greedy = [t.decode() for t in translator.greedy(tf.constant(sentences))["translations"].numpy()]
+    assert translator.translate(sentences, beam_size=1) == greedy
+
+
+def test_describe_records_what_the_module_does(translator):
+    record = translator.describe()
+    assert record["decode_settings"] == dataclasses.asdict(SETTINGS)
+    assert record["max_source_tokens"] == MAX_LENGTH - 1
+    assert record["nbest"] == SETTINGS.beam_size
