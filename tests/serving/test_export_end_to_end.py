@@ -140,6 +140,26 @@ def test_awkward_inputs_give_defined_results(exported):
     assert ids["target_ids"].shape[0] == 0
 
 
+def test_evaluate_scores_the_saved_model_as_it_scores_the_model_dir(
+    exported, trained_run, shared_data_dir, tmp_path, capsys
+):
+    """`evaluate --saved-model` translates with the served graph; it equals `--model-dir`."""
+    from training.evaluate import evaluate, main
+
+    corpus = f"text:{shared_data_dir}/multi30k/test_2016_flickr"
+    from_dir = evaluate(trained_run[0], corpus, "en", "de", limit=20, output=tmp_path / "dir")
+    argv = ["--saved-model", str(exported[1]), "--corpus", corpus, "--limit", "20"]
+    assert main([*argv, "--output", str(tmp_path / "export")]) == 0
+    from_export = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (tmp_path / "export").read_text() == (tmp_path / "dir").read_text()
+    assert from_export["bleu"] == from_dir["bleu"] and from_export["chrf"] == from_dir["chrf"]
+    # Both decoded with the run's decode_settings.json, and say so.
+    assert from_export["decode_settings"] == from_dir["decode_settings"] == SETTINGS.to_dict()
+    assert from_export["signature"] == "serving_default"
+    assert main([*argv, "--beam-size", "2"]) == 2
+    assert "decodes as it was exported" in capsys.readouterr().err
+
+
 def test_fixed_output_length_emits_exactly_n_tokens(trained_run):
     """The benchmarking option: exactly N tokens, end of sentence ignored."""
     translator, _ = layout.load_translator(trained_run[0], fixed_output_length=5)
