@@ -45,17 +45,6 @@ def _prepare_vocab(run_config: RunConfig, model_dir: Path, train_corpus) -> Path
     return target
 
 
-def _check_special_ids(config, tokenizer) -> None:
-    """The model's pad/bos/eos ids are the vocabulary's: decoding stops at the model's eos_id."""
-    for name in ("pad_id", "bos_id", "eos_id"):
-        model_id, vocab_id = getattr(config, name), getattr(tokenizer, name)
-        if model_id != vocab_id:
-            raise ConfigError(
-                f"model.{name} is {model_id} but the vocabulary {tokenizer.model_path} has "
-                f"{name} {vocab_id}; remove model.{name} from the config"
-            )
-
-
 def _check_same_model(path: Path, config) -> None:
     """A model dir holds one model: resuming with other hyper-parameters is an error."""
     from keras_transformer import TransformerConfig
@@ -84,7 +73,7 @@ def train(run_config: RunConfig) -> dict:
         build_transformer,
         transformer_optimizer,
     )
-    from keras_transformer.translation.tokenizer import SubwordTokenizer
+    from keras_transformer.translation.tokenizer import SubwordTokenizer, check_vocabulary
     from training import callbacks as cb
     from training.corpus import corpus_from_config
     from training.pipeline import make_dataset
@@ -100,7 +89,11 @@ def train(run_config: RunConfig) -> dict:
     print(f"train corpus: {train_corpus.report()}", flush=True)
     tokenizer = SubwordTokenizer(_prepare_vocab(run_config, model_dir, train_corpus))
     config = run_config.transformer_config(vocab_size=tokenizer.vocab_size)
-    _check_special_ids(config, tokenizer)
+    try:
+        # Special ids and sizes: decoding stops at the config's eos_id, not the vocabulary's.
+        check_vocabulary(config, tokenizer, "the run config's model")
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
     _check_same_model(model_dir / layout.TRANSFORMER_CONFIG, config)
     config.to_json(model_dir / layout.TRANSFORMER_CONFIG)
     run_config.decode.to_json(model_dir / layout.DECODE_SETTINGS)
