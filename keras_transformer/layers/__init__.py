@@ -4,7 +4,11 @@ from keras_transformer.layers.decoder_layer import TransformerDecoderLayer
 from keras_transformer.layers.encoder_layer import TransformerEncoderLayer
 from keras_transformer.layers.feed_forward import PositionwiseFeedForward
 from keras_transformer.layers.masks import padding_mask
-from keras_transformer.layers.multi_head_attention import MultiHeadAttention, causal_mask
+from keras_transformer.layers.multi_head_attention import (
+    HeadProjection,
+    MultiHeadAttention,
+    causal_mask,
+)
 from keras_transformer.layers.residual import ResidualBlock
 from keras_transformer.layers.token_and_position_embedding import (
     TokenAndPositionEmbedding,
@@ -12,6 +16,7 @@ from keras_transformer.layers.token_and_position_embedding import (
 )
 
 __all__ = [
+    "HeadProjection",
     "MultiHeadAttention",
     "PositionwiseFeedForward",
     "ResidualBlock",
