@@ -107,8 +107,10 @@ def test_special_ids_that_disagree_with_the_vocabulary_are_refused(resumed_run):
     )
     assert result.returncode == 2, result.stderr[-2000:]
     error = result.stderr.strip().splitlines()[-1].replace(str(resumed_run[0]), "MODEL_DIR")
-    # Both values: the config's 5 and the vocabulary's 3.
-    assert "eos_id" in error and re.search(r"\b5\b", error) and re.search(r"\b3\b", error), error
+    # Refused as a disagreement with the vocabulary (not only as a changed model), naming both
+    # values: the config's 5 and the vocabulary's 3.
+    assert "spm.model" in error and "eos_id" in error, error
+    assert re.search(r"\b5\b", error) and re.search(r"\b3\b", error), error
 
 
 def test_resuming_with_another_model_is_refused(resumed_run, tmp_path):
