@@ -34,11 +34,14 @@ def copy_sources(config, num_examples=6, seed=7):
 
 class CopyOracle:
     """A decoder that puts probability `p_copy` on the source token at each position (eos
-    included) and spreads the rest evenly: greedy and beam search must return the source.
+    included, and eos past the source), twice the others' share on unk (the choice when eos is
+    forbidden) and spreads the rest evenly: greedy and beam search must return the source.
 
     It has the interface the searches call (`config`, `encode`, `init_decoder_state`,
     `decode_step`); the logits do not depend on the tokens fed, only on the position.
     """
+
+    FILLER = 1  # unk: never a source token of `copy_sources`, nor eos
 
     def __init__(self, vocab_size=16, p_copy=0.6):
         self.config = TransformerConfig.preset("tiny", vocab_size=vocab_size, max_length=24)
@@ -64,14 +67,17 @@ class CopyOracle:
 
     def decode_step(self, token_ids, index, state, beams=1, **kwargs):
         vocab = self.config.resolved_target_vocab_size
+        # p_copy + 2 * share (filler) + (vocab - 2) * share (the others) = 1.
+        share = (1.0 - self.p_copy) / vocab
         target = ops.take(state["source_rows"], ops.cast(index, "int32"), axis=1)
-        other = np.log((1.0 - self.p_copy) / (vocab - 1))
-        logits = ops.where(
-            ops.equal(ops.arange(vocab, dtype="int32")[None, :], target[:, None]),
-            np.float32(np.log(self.p_copy)),
-            np.float32(other),
+        token = ops.arange(vocab, dtype="int32")[None, :]
+        log_probs = ops.where(
+            ops.equal(token, self.FILLER), np.float32(np.log(2 * share)), np.float32(np.log(share))
         )
-        return logits, dict(state)
+        log_probs = ops.where(
+            ops.equal(token, target[:, None]), np.float32(np.log(self.p_copy)), log_probs
+        )
+        return log_probs, dict(state)
 
     def expected_output(self, source_ids):
         """`(target_ids [batch, width], lengths)`: each source up to its eos, pad after."""

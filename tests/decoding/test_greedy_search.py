@@ -90,6 +90,9 @@ def test_ignore_eos_forces_the_length(oracle):
     assert result["target_ids"].shape == (len(sources), 9)
     np.testing.assert_array_equal(result["lengths"], 9)
     assert (result["target_ids"] != oracle.config.eos_id).all()
+    # Where eos was the likeliest token, the runner-up took its place.
+    past_source = np.arange(9)[None, :] >= (sources != 0).sum(axis=1)[:, None] - 1
+    assert (result["target_ids"][past_source] == oracle.FILLER).all()
 
 
 def test_default_limit_is_each_source_length_plus_extra(oracle):
@@ -109,9 +112,14 @@ def test_min_output_length_delays_eos(oracle):
     assert source_lengths.min() < 8
     delayed = numpy(greedy_search(oracle, sources, extra_length=4, min_output_length=8))
     # Eos comes as soon as it is allowed (the oracle keeps preferring it past the source).
+    lengths = delayed["lengths"]
     np.testing.assert_array_equal(
-        delayed["lengths"], np.minimum(np.maximum(source_lengths, 9), source_lengths + 4)
+        lengths, np.minimum(np.maximum(source_lengths, 9), source_lengths + 4)
     )
+    for row, source_length, length in zip(
+        delayed["target_ids"], source_lengths, lengths, strict=True
+    ):
+        np.testing.assert_array_equal(row[source_length - 1 : length - 1], oracle.FILLER)
 
 
 @pytest.mark.parametrize("decode", ["greedy", "beam"])
