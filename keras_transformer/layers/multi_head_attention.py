@@ -39,6 +39,7 @@ class HeadProjection(keras.layers.EinsumDense):
 
     def call(self, inputs, training=None):
         if self.lora_enabled:
+            # The reference computation for an adapted kernel; speed matters less there.
             return super().call(inputs, training=training)
         rank = len(inputs.shape)
         x = ops.tensordot(
