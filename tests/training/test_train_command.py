@@ -22,6 +22,10 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "training" / "configs" / "tiny.yaml"
 
 
+# The resumed run evaluates, and decodes with a batch size that is not the default.
+RESUMED = ("train.eval_every_steps=30", "decode.batch_size=32")
+
+
 def _overrides(model_dir, *extra):
     return [
         f"train.model_dir={model_dir}",
@@ -59,7 +63,7 @@ def resumed_run(tmp_path_factory):
     first.send_signal(signal.SIGKILL)
     first_output = first.communicate()[0].decode()
     assert target.exists(), first_output[-3000:]
-    command = _train_command(model_dir, "train.eval_every_steps=30")
+    command = _train_command(model_dir, *RESUMED)
     second = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     return model_dir, first_output, second.stdout
@@ -91,8 +95,10 @@ def test_killed_run_resumes_from_its_last_save(resumed_run):
 def test_the_run_writes_its_config_and_decode_settings(resumed_run):
     model_dir = resumed_run[0]
     written = load_run_config([model_dir / layout.RUN_CONFIG])
-    assert written == load_run_config([TINY], _overrides(model_dir, "train.eval_every_steps=30"))
+    assert written == load_run_config([TINY], _overrides(model_dir, *RESUMED))
+    # decode.batch_size differs from the defaults that a missing file would give.
     assert layout.load_decode_settings(model_dir) == written.decode
+    assert written.decode.batch_size == 32
     assert (model_dir / layout.DECODE_SETTINGS).is_file()
 
 
