@@ -126,6 +126,9 @@ class Transformer(keras.Model):
         Returns:
             `(memory [batch, source_length, d_model], source_mask bool [batch, source_length])`.
         """
+        return self._run_encoder(source_ids, training)
+
+    def _run_encoder(self, source_ids, training, attention_weights=None):
         return run_encoder(
             ops.cast(source_ids, "int32"),
             self.source_embedding,
@@ -133,6 +136,7 @@ class Transformer(keras.Model):
             self.encoder_norm,
             self.config.pad_id,
             training=training,
+            attention_weights=attention_weights,
         )
 
     def project(self, hidden):
@@ -154,15 +158,18 @@ class Transformer(keras.Model):
 
     def decode(self, target_ids, memory, source_mask, training=False):
         """Full (uncached) decoder pass: logits `[batch, target_length, vocab]`."""
-        hidden = run_decoder(
+        return self.project(self._run_decoder(target_ids, memory, source_mask, training))
+
+    def _run_decoder(self, target_ids, memory, source_mask, training, **attention_weights):
+        return run_decoder(
             ops.cast(target_ids, "int32"),
             memory,
             source_mask,
             self.target_embedding,
             self.decoder_layers,
             training=training,
+            **attention_weights,
         )
-        return self.project(hidden)
 
     def attention_weights(self, source_ids, target_ids):
         """Every layer's attention weights for a batch of sentence pairs (inference mode).
@@ -184,22 +191,14 @@ class Transformer(keras.Model):
             "decoder_self_attention": [],
             "cross_attention": [],
         }
-        memory, source_mask = run_encoder(
-            ops.cast(source_ids, "int32"),
-            self.source_embedding,
-            self.encoder_layers,
-            self.encoder_norm,
-            self.config.pad_id,
-            training=False,
-            attention_weights=weights["encoder_self_attention"],
+        memory, source_mask = self._run_encoder(
+            source_ids, False, attention_weights=weights["encoder_self_attention"]
         )
-        run_decoder(
-            ops.cast(target_ids, "int32"),
+        self._run_decoder(
+            target_ids,
             memory,
             source_mask,
-            self.target_embedding,
-            self.decoder_layers,
-            training=False,
+            False,
             self_attention_weights=weights["decoder_self_attention"],
             cross_attention_weights=weights["cross_attention"],
         )

@@ -20,13 +20,8 @@ class TransformerDecoderLayer(TransformerLayerBase):
       `[batch * beams]` while the encoder keys/values stay `[batch]`: the beams of a sentence
       become that sentence's query positions, so nothing is tiled per beam.
 
-    Args:
-        num_heads: attention heads.
-        ffn_dim: inner size of the feed-forward network.
-        dropout: residual and feed-forward dropout.
-        attention_dropout: dropout on attention weights.
-        norm_placement: `"post"` (paper) or `"pre"`.
-        layer_norm_epsilon: epsilon of the layer norms.
+    Args: those of `TransformerLayerBase` (`num_heads`, `ffn_dim`, `dropout`,
+        `attention_dropout`, `norm_placement`, `layer_norm_epsilon`).
 
     Call arguments:
         inputs: target states `[batch, target_length, model_dim]`.

@@ -9,13 +9,8 @@ from keras_transformer.layers.transformer_layer import TransformerLayerBase
 class TransformerEncoderLayer(TransformerLayerBase):
     """Self-attention over the source, then a position-wise feed-forward network.
 
-    Args:
-        num_heads: attention heads.
-        ffn_dim: inner size of the feed-forward network.
-        dropout: residual and feed-forward dropout.
-        attention_dropout: dropout on attention weights.
-        norm_placement: `"post"` (paper) or `"pre"`.
-        layer_norm_epsilon: epsilon of the layer norms.
+    Args: those of `TransformerLayerBase` (`num_heads`, `ffn_dim`, `dropout`,
+        `attention_dropout`, `norm_placement`, `layer_norm_epsilon`).
 
     Call arguments:
         inputs: `[batch, source_length, model_dim]`.

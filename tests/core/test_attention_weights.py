@@ -122,18 +122,7 @@ def test_checkpoint_written_before_the_refactoring_loads_with_identical_outputs(
     projections read by tensordot, two copies of the stacks) with
     `fixtures/make_head_f39de68_fixture.py`; its logits are in the `.npz`. Catches renamed or
     reordered layers/weights, which change the checkpoint's paths."""
-    config = TransformerConfig.preset(
-        "tiny",
-        vocab_size=16,
-        d_model=8,
-        num_heads=2,
-        ffn_dim=16,
-        num_encoder_layers=1,
-        num_decoder_layers=1,
-        max_length=16,
-        share_embeddings=False,
-        norm_placement="pre",
-    )
+    config = TransformerConfig.from_json(FIXTURES / "head_f39de68_tiny_config.json")
     model = build_transformer(config)
     model.load_weights(FIXTURES / "head_f39de68_tiny.weights.h5")
     expected = np.load(FIXTURES / "head_f39de68_tiny_logits.npz")

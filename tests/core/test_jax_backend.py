@@ -2,13 +2,10 @@
 default decode step leaves its state unchanged, and the searches' in-place opt-in agrees."""
 
 import importlib.util
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+
+from tests.subprocess_report import run_script
 
 SCRIPT = r"""
 import json, numpy as np, keras
@@ -51,18 +48,7 @@ print(json.dumps({"backend": keras.config.backend(), "losses": losses, "changed"
 
 @pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="JAX is not installed")
 def test_train_step_and_decode_step_on_jax():
-    root = Path(__file__).resolve().parents[2]
-    env = dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=str(root), JAX_PLATFORMS="cpu")
-    result = subprocess.run(
-        [sys.executable, "-c", SCRIPT],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = run_script(SCRIPT, backend="jax")
     assert report["backend"] == "jax"
     assert all(map(lambda v: v == v and v < 10, report["losses"]))
     assert report["losses"][-1] < report["losses"][0]

@@ -1,16 +1,13 @@
 """Label-smoothed loss, token accuracy and the §5.3 schedule against direct formulas."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 
 from keras_transformer import MaskedLabelSmoothingLoss, MaskedTokenAccuracy, TransformerSchedule
+from tests.subprocess_report import run_script
 
 
 def _reference_loss(labels, logits, epsilon, pad_id=0):
@@ -185,18 +182,7 @@ def test_mirrored_strategy_reports_the_formula():
     # 8 real tokens on each replica, so the mean of the replicas' means is the global mean.
     labels, logits = _padded_batch(lengths=(6, 2, 3, 5))
     batch = json.dumps({"logits": logits.tolist(), "labels": labels.tolist()})
-    root = Path(__file__).resolve().parents[2]
-    env = dict(os.environ, PYTHONPATH=str(root), TF_CPP_MIN_LOG_LEVEL="2")
-    result = subprocess.run(
-        [sys.executable, "-c", MIRRORED_SCRIPT, batch],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = run_script(MIRRORED_SCRIPT, batch)
     expected = _reference_loss(labels, logits, 0.1)
     assert report["replicas"] == 2
     assert report["evaluate"] == pytest.approx(expected, rel=1e-6)

@@ -1,11 +1,6 @@
 """Greedy search: cached equals uncached, length limits, batching invariance, tf.function, JAX."""
 
 import importlib.util
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import keras
 import numpy as np
@@ -14,6 +9,7 @@ import tensorflow as tf
 
 from keras_transformer.decoding import beam_search, greedy_search, uncached_greedy_search
 from tests.decoding.copy_model import CopyOracle, copy_sources, random_model
+from tests.subprocess_report import run_script
 
 # The uncached reference's first step attends over a one-token prefix, which Keras flags.
 pytestmark = pytest.mark.filterwarnings("ignore:You are using a softmax over axis -1")
@@ -193,18 +189,7 @@ print(json.dumps({
 
 @pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="JAX is not installed")
 def test_greedy_and_beam_search_jit_on_jax():
-    root = Path(__file__).resolve().parents[2]
-    env = dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=str(root), JAX_PLATFORMS="cpu")
-    result = subprocess.run(
-        [sys.executable, "-c", JAX_SCRIPT],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = run_script(JAX_SCRIPT, backend="jax")
     assert report["backend"] == "jax"
     assert report["greedy"] == report["uncached"] == report["beam1"]
     assert report["forced_gap"] < 1e-3
