@@ -84,3 +84,8 @@ class CopyOracle:
         source_ids = np.asarray(source_ids)
         lengths = (source_ids != self.config.pad_id).sum(axis=1)
         return source_ids, lengths
+
+
+def numpy(result):
+    """A search's result dict as NumPy arrays."""
+    return {name: keras.ops.convert_to_numpy(value) for name, value in result.items()}

@@ -9,27 +9,12 @@ import tensorflow as tf
 
 from keras_transformer import TransformerConfig, build_transformer
 from keras_transformer.decoding import beam_search, greedy_search
-from tests.decoding.copy_model import CopyOracle, copy_sources, random_model
+from tests.decoding.copy_model import CopyOracle, copy_sources, numpy
 from tests.decoding.markov_model import EOS, FILLERS, A, B, MarkovModel, trap_table
-
-
-def numpy(result):
-    return {name: keras.ops.convert_to_numpy(value) for name, value in result.items()}
 
 
 def penalty(lengths, alpha):
     return ((5.0 + np.asarray(lengths, "float64")) / 6.0) ** alpha
-
-
-@pytest.fixture(scope="module")
-def model():
-    """Random weights: every property checked on it holds for any weights."""
-    return random_model()
-
-
-@pytest.fixture(scope="module")
-def sources(model):
-    return copy_sources(model.config, 6)
 
 
 def nbest_search(model):

@@ -2,31 +2,16 @@
 
 import importlib.util
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from keras_transformer.decoding import beam_search, greedy_search, uncached_greedy_search
-from tests.decoding.copy_model import CopyOracle, copy_sources, random_model
+from tests.decoding.copy_model import CopyOracle, copy_sources, numpy, random_model
 from tests.subprocess_report import run_script
 
 # The uncached reference's first step attends over a one-token prefix, which Keras flags.
 pytestmark = pytest.mark.filterwarnings("ignore:You are using a softmax over axis -1")
-
-
-def numpy(result):
-    return {name: keras.ops.convert_to_numpy(value) for name, value in result.items()}
-
-
-@pytest.fixture(scope="module")
-def model():
-    return random_model()
-
-
-@pytest.fixture(scope="module")
-def sources(model):
-    return copy_sources(model.config, 6)
 
 
 @pytest.fixture(scope="module")
