@@ -13,7 +13,7 @@ EXPORT_BASE=${EXPORT_BASE:-exports}
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/pip install -q -e .
+.venv/bin/pip install -q -e '.[train,serve]'
 PY=.venv/bin/python
 
 $PY -m training.train --config "$CONFIG" \
