@@ -124,6 +124,7 @@ class BleuEvaluator(keras.callbacks.Callback):
         self.since_best = 0
         for entry in history:
             self.since_best = 0 if entry["bleu"] >= self.best else self.since_best + 1
+        self.stopped_early = False
         self._translator = None
 
     def history(self):
@@ -168,7 +169,17 @@ class BleuEvaluator(keras.callbacks.Callback):
         )
         if self.patience and self.since_best >= self.patience:
             print(f"early stopping: no BLEU gain in {self.patience} evaluations", flush=True)
+            self.stopped_early = True
             self.model.stop_training = True
+
+
+class RunComplete(Exception):
+    """Raised by `TrainingBudget` when training starts (or resumes) with nothing left to do."""
+
+    def __init__(self, step, reason):
+        super().__init__(f"training is complete at step {step} ({reason})")
+        self.step = step
+        self.reason = reason
 
 
 class TrainingBudget(keras.callbacks.Callback):
@@ -176,6 +187,11 @@ class TrainingBudget(keras.callbacks.Callback):
 
     The seconds already spent are kept in `train_clock.json` next to the backup, written when
     the backup is, so a resumed run continues the same budget instead of starting a new one.
+    `reason` says why training stopped (`"max_steps"`, `"max_minutes"`, or `None`).
+
+    Keras trains at least one batch once `fit` starts, so a run whose restored state is
+    already at its budget (killed after its last backup, before it was marked complete) would
+    train past it: `on_train_begin`, after `BackupAndRestore`, raises `RunComplete` instead.
     """
 
     def __init__(self, model_dir, max_steps, max_seconds=None, save_every_steps=500):
@@ -185,6 +201,7 @@ class TrainingBudget(keras.callbacks.Callback):
         self.max_seconds = max_seconds
         self.save_every_steps = _positive_steps("save_every_steps", save_every_steps)
         self.elapsed_before = self.load()
+        self.reason = None
 
     def load(self):
         if self.path.is_file():
@@ -194,17 +211,28 @@ class TrainingBudget(keras.callbacks.Callback):
     def elapsed(self):
         return self.elapsed_before + time.monotonic() - self.start
 
+    def stop_reason(self, step):
+        """`"max_steps"` or `"max_minutes"` when the budget is spent at `step`, else `None`."""
+        if step >= self.max_steps:
+            return "max_steps"
+        if self.max_seconds is not None and self.elapsed() >= self.max_seconds:
+            return "max_minutes"
+        return None
+
     def on_train_begin(self, logs=None):
         self.start = time.monotonic()
+        step = int(self.model.optimizer.iterations.numpy())
+        self.reason = self.stop_reason(step)
+        if self.reason:
+            raise RunComplete(step, self.reason)
 
     def on_train_batch_end(self, batch, logs=None):
         step = int(self.model.optimizer.iterations.numpy())
         if step % self.save_every_steps == 0:
             self.save(step)
-        out_of_time = self.max_seconds is not None and self.elapsed() >= self.max_seconds
-        if step >= self.max_steps or out_of_time:
-            reason = "max_steps" if step >= self.max_steps else "max_minutes"
-            print(f"stopping at step {step}: {reason} reached", flush=True)
+        self.reason = self.stop_reason(step)
+        if self.reason:
+            print(f"stopping at step {step}: {self.reason} reached", flush=True)
             self.model.stop_training = True
 
     def save(self, step):
@@ -215,19 +243,28 @@ class TrainingBudget(keras.callbacks.Callback):
 
 
 class TokenCount(keras.metrics.Metric):
-    """Non-padding target tokens seen in the current epoch (read by `ProgressLogger`)."""
+    """Non-padding target tokens seen in the current epoch (read by `ProgressLogger`).
+
+    Also records, in `traced_shapes`, the static label shapes it is traced with: Python runs
+    `update_state` once per trace of the train step, so on JAX (and with `jit_compile`) that
+    is one entry per compiled program. Shapes with unknown dimensions (Keras' symbolic build,
+    TensorFlow's relaxed retracing) are kept too; they are traces, not batch shapes.
+    """
 
     def __init__(self, pad_id=0, name="target_tokens", **kwargs):
         super().__init__(name=name, **kwargs)
         self.pad_id = int(pad_id)
         self.count = self.add_variable(shape=(), initializer="zeros", name="count")
+        self.traced_shapes = set()
 
     def update_state(self, y_true, y_pred, sample_weight=None):
+        self.traced_shapes.add(tuple(y_true.shape))
         mask = keras.ops.not_equal(y_true, self.pad_id)
         self.count.assign_add(keras.ops.sum(keras.ops.cast(mask, "float32")))
 
     def result(self):
-        return self.count
+        # A tensor, not the variable: JAX refuses to trace a Variable returned from a metric.
+        return keras.ops.convert_to_tensor(self.count)
 
     def reset_state(self):
         self.count.assign(0.0)

@@ -133,14 +133,19 @@ def _assign_batches(
     )
 
 
-def _bucket_pool(bounds: Sequence[int], batch_tokens: int, shuffle: bool, drop_remainder: bool):
+def _bucket_pool(
+    bounds: Sequence[int],
+    coarse: Sequence[int],
+    batch_tokens: int,
+    shuffle: bool,
+    drop_remainder: bool,
+):
     """Returns a map function: a pool of tokenized pairs -> ragged ``[batches, (pairs), (len)]``.
 
     Pairs first fill full batches of the fine buckets; the few left over (fewer than one batch
     per bucket) fill batches of coarse power-of-two buckets, so a pool yields only a handful of
     part-filled batches instead of one per fine bucket.
     """
-    coarse = _coarse_boundaries(bounds[-1])
 
     @tf.autograph.experimental.do_not_convert
     def bucket(pool: dict[str, tf.RaggedTensor], seed: tf.Tensor):
@@ -186,11 +191,31 @@ def _bucket_pool(bounds: Sequence[int], batch_tokens: int, shuffle: bool, drop_r
     return bucket
 
 
-def _pad_batch(eos_id: int, pad_id: int):
+def _pad_batch(eos_id: int, pad_id: int, shapes: Sequence[int] | None, batch_tokens: int):
+    """Returns a map function: a ragged batch -> padded ``(features, labels)``.
+
+    Without ``shapes`` a batch is padded to its longest pair. With them (ascending lengths
+    ``L``), it is padded to the shortest ``L`` that holds its longest pair and to
+    ``batch_tokens // L`` rows (rows of padding only, which the loss and metrics mask): one
+    shape per ``L``. Every batch fits: it came from a bucket whose bound ``B >= L`` is in
+    ``shapes`` and holds at most ``batch_tokens // B <= batch_tokens // L`` pairs.
+    """
+
     @tf.autograph.experimental.do_not_convert
     def pad(batch: dict[str, tf.RaggedTensor]):
-        source_ids = batch["source_ids"].to_tensor(default_value=pad_id)
-        full = batch["target_full"].to_tensor(default_value=pad_id)
+        if shapes is None:
+            source_ids = batch["source_ids"].to_tensor(default_value=pad_id)
+            full = batch["target_full"].to_tensor(default_value=pad_id)
+        else:
+            longest = tf.maximum(
+                tf.reduce_max(batch["source_ids"].row_lengths()),
+                tf.reduce_max(batch["target_full"].row_lengths()) - 1,
+            )
+            lengths = tf.constant(shapes, tf.int64)
+            length = tf.gather(lengths, tf.searchsorted(lengths, longest[None])[0])
+            rows = batch_tokens // length
+            source_ids = batch["source_ids"].to_tensor(pad_id, shape=tf.stack([rows, length]))
+            full = batch["target_full"].to_tensor(pad_id, shape=tf.stack([rows, length + 1]))
         # Padding comes after eos, so dropping the last column leaves each row's eos behind in
         # target_ids, except in the longest row; there it must read as padding.
         target_ids = full[:, :-1]
@@ -199,6 +224,51 @@ def _pad_batch(eos_id: int, pad_id: int):
         return {"source_ids": source_ids, "target_ids": target_ids}, labels
 
     return pad
+
+
+def _round_up(bounds: Sequence[int], multiple: int, max_length: int) -> list[int]:
+    """Bucket bounds rounded up to a multiple of ``multiple``, capped at ``max_length``."""
+    if multiple < 1:
+        raise ValueError(f"length_multiple must be >= 1, got {multiple}")
+    return sorted({min(-(-bound // multiple) * multiple, max_length) for bound in bounds})
+
+
+def _fine_boundaries(max_length: int, bucket_boundaries: Sequence[int] | None) -> list[int]:
+    if bucket_boundaries is None:
+        return default_bucket_boundaries(max_length)
+    bounds = sorted({int(b) for b in bucket_boundaries if b < max_length} | {max_length})
+    if bounds[0] < 1:
+        raise ValueError(f"bucket_boundaries must be positive, got {list(bucket_boundaries)}")
+    return bounds
+
+
+def _bucket_bounds(max_length, bucket_boundaries, length_multiple):
+    """``(fine, coarse)`` bucket bounds, rounded when ``length_multiple`` is set."""
+    fine = _fine_boundaries(max_length, bucket_boundaries)
+    coarse = _coarse_boundaries(max_length)
+    if length_multiple is None:
+        return fine, coarse
+    return (
+        _round_up(fine, length_multiple, max_length),
+        _round_up(coarse, length_multiple, max_length),
+    )
+
+
+def batch_shapes(
+    max_length: int,
+    batch_tokens: int,
+    length_multiple: int,
+    bucket_boundaries: Sequence[int] | None = None,
+) -> list[tuple[int, int]]:
+    """Every ``(batch size, length)`` that ``make_dataset`` emits with ``length_multiple``.
+
+    One shape per bucket length (fine and coarse buckets, rounded up to a multiple of
+    ``length_multiple``, the last one ``max_length``), with ``batch_tokens // length`` rows;
+    source ids, target ids and labels all have it. With the default buckets and a multiple
+    of 8 that is ``ceil(max_length / 8)`` shapes or fewer.
+    """
+    fine, coarse = _bucket_bounds(max_length, bucket_boundaries, length_multiple)
+    return [(batch_tokens // length, length) for length in sorted(set(fine) | set(coarse))]
 
 
 def make_dataset(
@@ -218,6 +288,7 @@ def make_dataset(
     deterministic: bool | None = None,
     tokenize_batch_size: int = DEFAULT_TOKENIZE_BATCH,
     pool_size: int = DEFAULT_POOL_SIZE,
+    length_multiple: int | None = None,
 ) -> tf.data.Dataset:
     """Builds the training input pipeline with token-budget batches.
 
@@ -265,6 +336,11 @@ def make_dataset(
         deterministic: Keep element order in parallel maps; defaults to ``seed is not None``.
         tokenize_batch_size: Sentences per tokenizer call.
         pool_size: Pairs bucketed together; larger pools mean fewer part-filled batches.
+        length_multiple: Fixed shapes: bucket bounds are rounded up to a multiple of this
+            (capped at ``max_length``) and each batch is padded to its bucket's length and to
+            ``batch_tokens // length`` rows, so every batch has one of the
+            ``batch_shapes(...)``; XLA then compiles one program per shape. ``None``: each
+            batch is padded to its longest pair.
 
     Returns:
         A ``tf.data.Dataset`` of ``({"source_ids": int32 [b, s], "target_ids": int32 [b, t]},
@@ -278,12 +354,10 @@ def make_dataset(
         raise ValueError(
             f"batch_tokens={batch_tokens} cannot hold one pair of max_length={max_length} tokens"
         )
-    if bucket_boundaries is None:
-        bounds = default_bucket_boundaries(max_length)
-    else:
-        bounds = sorted({int(b) for b in bucket_boundaries if b < max_length} | {max_length})
-        if bounds[0] < 1:
-            raise ValueError(f"bucket_boundaries must be positive, got {list(bucket_boundaries)}")
+    # With length_multiple, pairs are bucketed by the rounded bounds, so every bucket's bound is
+    # one of the padded shapes (see _pad_batch).
+    bounds, coarse = _bucket_bounds(max_length, bucket_boundaries, length_multiple)
+    shapes = None if length_multiple is None else sorted(set(bounds) | set(coarse))
     if deterministic is None:
         deterministic = seed is not None
 
@@ -305,13 +379,13 @@ def make_dataset(
     # in every pool and epoch.
     dataset = tf.data.Dataset.zip((dataset, tf.data.Dataset.random(seed=seed)))
     dataset = dataset.map(
-        _bucket_pool(bounds, batch_tokens, shuffle, drop_remainder),
+        _bucket_pool(bounds, coarse, batch_tokens, shuffle, drop_remainder),
         num_parallel_calls=num_parallel_calls,
         deterministic=deterministic,
     )
     dataset = dataset.unbatch()
     dataset = dataset.map(
-        _pad_batch(tokenizer.eos_id, tokenizer.pad_id),
+        _pad_batch(tokenizer.eos_id, tokenizer.pad_id, shapes, batch_tokens),
         num_parallel_calls=num_parallel_calls,
         deterministic=deterministic,
     )

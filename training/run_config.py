@@ -62,6 +62,11 @@ class DataConfig:
         max_length: longest `source_ids`/`target_ids` (special tokens included) kept for
             training; `None` means the model's `max_length`, and more than it is an error.
         cache: `True` caches tokenized ids in memory, a string on disk under that prefix.
+        length_multiple: bucket lengths are rounded up to a multiple of this (the last bucket
+            ends at `max_length`) and every batch is padded to its bucket's length and batch
+            size, so batches come in one fixed shape per bucket and XLA (JAX, `jit_compile`)
+            compiles a bounded number of programs; `None` pads each batch to its longest pair
+            (variable shapes: fine for TensorFlow without XLA, one compilation per shape on JAX).
     """
 
     source_lang: str = "en"
@@ -76,6 +81,7 @@ class DataConfig:
     max_length: int | None = _field(None, minimum=1)
     shuffle_buffer: int = _field(100_000, minimum=1)
     cache: bool | str = True
+    length_multiple: int | None = _field(8, minimum=1)
 
 
 @dataclasses.dataclass(frozen=True)

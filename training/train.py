@@ -13,6 +13,10 @@ from keras_transformer.translation import model_dir as layout
 from training.corpus import CorpusError
 from training.run_config import ConfigError, RunConfig, dump_run_config, load_run_config
 
+# Written last, after final.weights.h5 and the last step checkpoint: its presence means the run
+# finished, and it holds the run's summary and why it stopped.
+COMPLETE = "complete.json"
+
 
 def _spec(corpus) -> dict:
     """A corpus entry of the config: a spec string or a `{"spec": ..., options}` block."""
@@ -63,6 +67,25 @@ def _check_same_model(path: Path, config) -> None:
             )
 
 
+def _completed(model_dir: Path, run_config: RunConfig) -> dict | None:
+    """The summary of a finished run that this config would not continue, else `None`.
+
+    A run stopped by `max_steps`, `max_minutes` or early stopping is finished for a config
+    whose budget it has spent; raising `max_steps` or `max_minutes` (or dropping early
+    stopping) continues it.
+    """
+    marker = model_dir / COMPLETE
+    if not marker.is_file():
+        return None
+    done = json.loads(marker.read_text())
+    opts = run_config.train
+    spent = done["steps"] >= opts.max_steps or (
+        opts.max_minutes is not None and done["train_seconds"] >= opts.max_minutes * 60
+    )
+    stopped_early = done["reason"] == "early_stopping" and opts.early_stopping_patience
+    return done if spent or stopped_early else None
+
+
 def train(run_config: RunConfig) -> dict:
     import keras
     import tensorflow as tf
@@ -76,7 +99,7 @@ def train(run_config: RunConfig) -> dict:
     from keras_transformer.translation.tokenizer import SubwordTokenizer, check_vocabulary
     from training import callbacks as cb
     from training.corpus import corpus_from_config
-    from training.pipeline import make_dataset
+    from training.pipeline import batch_shapes, make_dataset
 
     data, opts = run_config.data, run_config.train
     model_dir = Path(opts.model_dir)
@@ -95,6 +118,17 @@ def train(run_config: RunConfig) -> dict:
     except ValueError as error:
         raise ConfigError(str(error)) from error
     _check_same_model(model_dir / layout.TRANSFORMER_CONFIG, config)
+    done = _completed(model_dir, run_config)
+    if done is not None:
+        print(
+            f"run already complete at step {done['steps']} ({done['reason']}; max_steps "
+            f"{opts.max_steps}, max_minutes {opts.max_minutes}); nothing to do",
+            flush=True,
+        )
+        print(json.dumps(done), flush=True)
+        return done
+    # A later budget continues a finished run; it is complete again only when it ends.
+    (model_dir / COMPLETE).unlink(missing_ok=True)
     config.to_json(model_dir / layout.TRANSFORMER_CONFIG)
     run_config.decode.to_json(model_dir / layout.DECODE_SETTINGS)
     dump_run_config(run_config, model_dir / layout.RUN_CONFIG)
@@ -109,8 +143,21 @@ def train(run_config: RunConfig) -> dict:
         repeat=True,
         seed=opts.seed,
         cache=data.cache,
+        length_multiple=data.length_multiple,
     )
+    if data.length_multiple is not None:
+        shapes = batch_shapes(data.max_length, data.batch_tokens, data.length_multiple)
+        print(
+            f"batch shapes (rows, length): {len(shapes)} fixed: "
+            + ", ".join(f"{rows}x{length}" for rows, length in shapes),
+            flush=True,
+        )
 
+    if opts.strategy == "mirrored" and keras.config.backend() != "tensorflow":
+        raise ConfigError(
+            f"train.strategy: mirrored is tf.distribute's and needs the TensorFlow backend, "
+            f"got {keras.config.backend()!r}"
+        )
     strategy = (
         tf.distribute.MirroredStrategy()
         if opts.strategy == "mirrored"
@@ -126,10 +173,11 @@ def train(run_config: RunConfig) -> dict:
                 opts.gradient_accumulation_steps if opts.gradient_accumulation_steps > 1 else None
             ),
         )
+        token_count = cb.TokenCount(config.pad_id)
         model.compile(
             optimizer=optimizer,
             loss=MaskedLabelSmoothingLoss(config.label_smoothing, pad_id=config.pad_id),
-            metrics=[MaskedTokenAccuracy(pad_id=config.pad_id), cb.TokenCount(config.pad_id)],
+            metrics=[MaskedTokenAccuracy(pad_id=config.pad_id), token_count],
             jit_compile=opts.jit_compile,
         )
 
@@ -156,8 +204,6 @@ def train(run_config: RunConfig) -> dict:
         ),
     }
     if run_config.dev_evaluation:
-        from keras_transformer.translation.translator import Translator
-
         dev = corpus_from_config(_spec(data.dev), data.source_lang, data.target_lang)
         # Greedy, so evaluation stays cheap; the rest (extra_length, ...) as the run decodes.
         # nbest is reset: a decode.nbest above 1 does not fit one beam.
@@ -166,33 +212,61 @@ def train(run_config: RunConfig) -> dict:
         )
         callbacks["dev_bleu"] = cb.BleuEvaluator(
             model_dir,
-            lambda trained: Translator(trained, tokenizer, settings),
+            lambda trained: _greedy_translator(trained, tokenizer, settings, data.length_multiple),
             dev.sources[: opts.eval_sentences],
             dev.targets[: opts.eval_sentences],
             every_steps=opts.eval_every_steps,
             patience=opts.early_stopping_patience,
         )
 
-    model.fit(
-        dataset,
-        epochs=math.ceil(opts.max_steps / opts.steps_per_epoch),
-        steps_per_epoch=opts.steps_per_epoch,
-        callbacks=list(callbacks.values()),
-        verbose=0,
-    )
+    try:
+        model.fit(
+            dataset,
+            epochs=math.ceil(opts.max_steps / opts.steps_per_epoch),
+            steps_per_epoch=opts.steps_per_epoch,
+            callbacks=list(callbacks.values()),
+            verbose=0,
+        )
+    except cb.RunComplete as complete:
+        # Killed after its last backup but before it was marked complete: the restored state
+        # is the finished one, so it is only saved and marked below.
+        print(f"resumed at step {complete.step}: {complete.reason} already reached", flush=True)
     step = int(model.optimizer.iterations.numpy())
     model.save_weights(model_dir / layout.FINAL)
     if step % opts.save_every_steps:
         callbacks["checkpoints"].save(step)
+    early = "dev_bleu" in callbacks and callbacks["dev_bleu"].stopped_early
+    # Shapes the train step was traced with in this process: one compiled program each on
+    # JAX. Keras' symbolic build and TensorFlow's relaxed retracing add shapes with None.
+    traced = sorted(token_count.traced_shapes, key=str)
+    print(f"train step traced for {len(traced)} label shapes: {traced}", flush=True)
     summary = {
         "model_dir": str(model_dir),
+        "backend": keras.config.backend(),
         "steps": step,
+        "reason": "early_stopping" if early else budget.reason,
         "train_seconds": round(budget.elapsed(), 1),
         "parameters": model.count_params(),
         "vocab_size": tokenizer.vocab_size,
+        "traced_batch_shapes": len(traced),
     }
+    (model_dir / COMPLETE).write_text(json.dumps(summary) + "\n")
     print(json.dumps(summary), flush=True)
     return summary
+
+
+def _greedy_translator(model, tokenizer, settings, length_multiple):
+    """The dev-BLEU decoder: `Translator` (tf.function) on TensorFlow; on JAX its subclass
+    with a `jax.jit` search, padded like the training batches to bound recompilation."""
+    import keras
+
+    if keras.config.backend() == "jax":
+        from keras_transformer.translation.jax_translator import JaxGreedyTranslator
+
+        return JaxGreedyTranslator(model, tokenizer, settings, length_multiple=length_multiple or 8)
+    from keras_transformer.translation.translator import Translator
+
+    return Translator(model, tokenizer, settings)
 
 
 def main(argv=None) -> int:
