@@ -33,8 +33,9 @@ class Translator(tf.Module):
     Signatures (`tf.function`s with fixed input signatures; `signatures()` for the export):
     - `serving_default(text [batch])` -> `translations [batch]`, `truncated [batch]`: beam
       search with `settings.beam_size` (greedy search when it is 1).
-    - `beam(text)` -> also `nbest_translations [batch, nbest]` and `nbest_scores [batch, nbest]`
-      (length-penalized log-probabilities, best first).
+    - `beam(text)` -> also `nbest_translations [batch, nbest]`, `nbest_scores [batch, nbest]`
+      (length-penalized log-probabilities, best first) and `nbest_target_ids` int32
+      `[batch, nbest, target_length]` (the hypotheses' ids, eos included, then `pad_id`).
     - `greedy(text)` -> `translations`, `truncated`: greedy search.
     - `greedy_ids(source_ids int32 [batch, length])`, `beam_ids(source_ids)` -> `target_ids`
       int32 `[batch, target_length]`, `scores` float32 `[batch]`: the searches on ids that end
@@ -161,33 +162,38 @@ class Translator(tf.Module):
         return tf.cond(tf.shape(source_ids)[0] > 0, run, nothing)
 
     def _translate(self, text, beam_size, num_returned):
-        """Text `[batch]` -> texts `[batch, num_returned]`, scores, truncated."""
+        """Text `[batch]` -> texts `[batch, num_returned]`, scores, truncated, target ids
+        `[batch, num_returned, target_length]` (empty inputs: "" and score 0)."""
         source_ids, empty, truncated = self.encode(text)
         target_ids, scores = self.search(source_ids, beam_size, num_returned)
         shape = tf.shape(target_ids)
         texts = self.tokenizer.detokenize(tf.reshape(target_ids, [-1, shape[2]]))
         texts = tf.reshape(texts, shape[:2])
         empty = empty[:, None]
-        return tf.where(empty, "", texts), tf.where(empty, 0.0, scores), truncated
+        target_ids = tf.where(empty[:, :, None], self.tokenizer.pad_id, target_ids)
+        return tf.where(empty, "", texts), tf.where(empty, 0.0, scores), truncated, target_ids
 
     @tf.function(input_signature=[TEXT_SPEC])
     def serving_default(self, text):
-        texts, _, truncated = self._translate(text, self.settings.beam_size, 1)
+        texts, _, truncated, _ = self._translate(text, self.settings.beam_size, 1)
         return {"translations": texts[:, 0], "truncated": truncated}
 
     @tf.function(input_signature=[TEXT_SPEC])
     def beam(self, text):
-        texts, scores, truncated = self._translate(text, self.settings.beam_size, self.nbest)
+        texts, scores, truncated, target_ids = self._translate(
+            text, self.settings.beam_size, self.nbest
+        )
         return {
             "translations": texts[:, 0],
             "nbest_translations": texts,
             "nbest_scores": scores,
+            "nbest_target_ids": target_ids,
             "truncated": truncated,
         }
 
     @tf.function(input_signature=[TEXT_SPEC])
     def greedy(self, text):
-        texts, _, truncated = self._translate(text, 1, 1)
+        texts, _, truncated, _ = self._translate(text, 1, 1)
         return {"translations": texts[:, 0], "truncated": truncated}
 
     @tf.function(input_signature=[IDS_SPEC])
@@ -232,17 +238,25 @@ class Translator(tf.Module):
         rows = self._run_in_batches(self.serving_default, sentences)
         return [row["translations"].decode("utf-8") for row in rows]
 
-    def translate_nbest(self, sentences: Sequence[str | bytes]) -> list[list[tuple[str, float]]]:
+    def translate_nbest(
+        self, sentences: Sequence[str | bytes], with_ids: bool = False
+    ) -> list[list[tuple]]:
         """The `beam` signature's `settings.nbest` hypotheses per sentence, best first, as
-        `(translation, length-penalized log-probability)` pairs."""
+        `(translation, length-penalized log-probability)` pairs, or with `with_ids`
+        `(translation, score, target ids up to and including eos)` triples."""
         rows = self._run_in_batches(self.beam, sentences)
-        return [
-            [
-                (text.decode("utf-8"), float(score))
-                for text, score in zip(row["nbest_translations"], row["nbest_scores"], strict=True)
-            ]
-            for row in rows
-        ]
+        results = []
+        for row in rows:
+            hypotheses = zip(
+                row["nbest_translations"], row["nbest_scores"], row["nbest_target_ids"], strict=True
+            )
+            results.append(
+                [
+                    (text.decode("utf-8"), float(score), *([_until_eos(ids, self)] * with_ids))
+                    for text, score, ids in hypotheses
+                ]
+            )
+        return results
 
     def _run_in_batches(self, signature, sentences) -> list[dict[str, np.ndarray]]:
         """Runs a text signature on length-sorted batches; one output row per sentence, in order."""
@@ -262,3 +276,14 @@ class Translator(tf.Module):
             for index, row in enumerate(batch):
                 rows[row] = {key: value[index] for key, value in outputs.items()}
         return rows
+
+
+def _until_eos(ids: np.ndarray, translator: Translator) -> list[int]:
+    """A hypothesis' ids without the padding after it (eos kept when it was produced)."""
+    ids = ids.tolist()
+    eos = translator.tokenizer.eos_id
+    if eos in ids:
+        return ids[: ids.index(eos) + 1]
+    while ids and ids[-1] == translator.tokenizer.pad_id:
+        ids.pop()
+    return ids
