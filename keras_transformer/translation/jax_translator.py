@@ -108,12 +108,10 @@ class JaxGreedyTranslator(Translator):
         """Greedy translations of `sentences`, in order (`beam_size` may only be 1)."""
         if beam_size not in (None, 1):
             raise ValueError(f"JaxGreedyTranslator decodes greedily, got beam_size {beam_size}")
-        rows = self._run_in_batches(self._greedy_text, sentences)
+        # The `greedy` signature's own Python body, run eagerly: TensorFlow tokenizes and
+        # detokenizes, and its call to `search` lands in the compiled JAX program above.
+        rows = self._run_in_batches(self.greedy.python_function, sentences)
         return [row["translations"].decode("utf-8") for row in rows]
 
     def translate_nbest(self, sentences):
         raise NotImplementedError("JaxGreedyTranslator has no beam search; use Translator")
-
-    def _greedy_text(self, text) -> dict:
-        texts, _, truncated = self._translate(text, 1, 1)
-        return {"translations": texts[:, 0], "truncated": truncated}
