@@ -1,0 +1,89 @@
+"""`benchmarks/gpu_training.py` runs end to end on CPU with tiny shapes, and compares with a
+reference only when it ran the same shapes and precision."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.gpu_training import compare
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = dict(V=64, D=32, H=4, FF=64, N=2, B=8, L=8)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="JAX is not installed")
+def test_gpu_training_benchmark_runs_on_cpu_with_tiny_shapes(tmp_path):
+    output = tmp_path / "gpu_training.json"
+    # torch-compile alone as the reference: the plain Keras one compiles two models (~50 s here).
+    command = [sys.executable, "benchmarks/gpu_training.py", "--preset", "tiny", "--batch", "8"]
+    command += ["--length", "8", "--steps", "3", "--warmup-steps", "1", "--rounds", "1"]
+    command += ["--impls", "ours,torch-compile", "--output", str(output)]
+    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(output.read_text())
+
+    ours = report["ours"]
+    assert ours["status"] == "measured" and ours["shape"] == TINY
+    assert ours["target_tokens_per_s"] > 0
+    (measured,) = ours["rounds"]
+    assert measured["backend"] == "jax" and measured["dtype"] == "mixed_bfloat16"
+    assert measured["timed_steps"] == 3 and measured["loss"] > 0
+    assert measured["target_tokens_per_s"] == pytest.approx(8 * 8 / measured["step_s"])
+
+    reference = report["references"]["torch-compile"]
+    ratio = report["ratios"]["torch-compile"]
+    if importlib.util.find_spec("torch") is None:
+        assert reference == {
+            "status": "skipped",
+            "reason": f"torch is not installed for {sys.executable}",
+        }
+        assert ratio == {"ratio": None, "reason": "reference skipped"}
+    else:
+        # The anchor's tiny shape (vocabulary 1000, width 64) is not ours: no ratio.
+        assert reference["status"] == "measured"
+        assert ratio["ratio"] is None and ratio["reason"].startswith("shapes differ")
+    assert report["goal"]["reference"] == "torch-compile" and report["goal"]["met"] is None
+    assert "| ours | V64 D32 H4 FF64 N2, 8 x 8 |" in result.stdout
+
+
+def _reference(shape, tokens_per_s):
+    return {"status": "measured", "shape": shape, "target_tokens_per_s": tokens_per_s}
+
+
+def test_a_ratio_needs_the_same_shapes_and_precision():
+    ours = {"shape": TINY, "target_tokens_per_s": 1300.0}
+    references = {
+        "torch-compile": _reference(TINY, 1000.0),
+        "keras-jax": _reference(dict(TINY, V=1000), 1000.0),
+        "torch-eager": {"status": "failed", "reason": "CUDA out of memory"},
+    }
+    ratios, goal = compare(ours, references, "mixed_bfloat16")
+    assert ratios["torch-compile"] == {"ratio": pytest.approx(1.3)}
+    assert goal == {
+        "reference": "torch-compile",
+        "min_ratio": 1.3,
+        "ratio": pytest.approx(1.3),
+        "met": True,
+    }
+    assert ratios["keras-jax"]["ratio"] is None
+    assert "shapes differ" in ratios["keras-jax"]["reason"]
+    assert ratios["torch-eager"] == {"ratio": None, "reason": "reference failed"}
+
+    ratios, goal = compare(dict(ours, target_tokens_per_s=1200.0), references, "mixed_bfloat16")
+    assert goal["met"] is False and goal["ratio"] == pytest.approx(1.2)
+
+    ratios, goal = compare(ours, references, "float32")
+    assert ratios["torch-compile"]["ratio"] is None and goal["met"] is None
+    assert goal["reason"] == "precision differs: reference mixed_bfloat16, ours float32"
+
+    ratios, goal = compare(ours, {"keras-jax": references["keras-jax"]}, "mixed_bfloat16")
+    assert goal["ratio"] is None and "not requested" in goal["reason"]
