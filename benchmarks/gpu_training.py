@@ -459,10 +459,12 @@ def print_table(report):
             continue
         rounds = " / ".join(number(v) for v in entry["rounds_target_tokens_per_s"])
         ratio = report["ratios"].get(name, {})
-        ratio_text = f"{ratio['ratio']:.2f}x" if ratio.get("ratio") else ratio.get("reason", "")
+        # The JSON holds the whole reason; the table its first words ("shapes differ").
+        reason = ratio.get("reason", "").split(":")[0]
+        ratio_text = f"{ratio['ratio']:.2f}x" if ratio.get("ratio") else reason
         print(
             f"| {name} | {shape(entry)} | {rounds} | {number(entry['target_tokens_per_s'])} | "
-            f"{ratio_text[:80]} |"
+            f"{ratio_text} |"
         )
     goal = report["goal"]
     verdict = (
