@@ -9,6 +9,7 @@ import tensorflow as tf
 from keras_transformer.translation.tokenizer import SubwordTokenizer
 from training.corpus import ParallelCorpus, load_corpus
 from training.pipeline import (
+    batch_shapes,
     count_too_long,
     default_bucket_boundaries,
     make_dataset,
@@ -128,6 +129,43 @@ def test_custom_bucket_boundaries_bound_batch_sizes(small_corpus, tokenizer):
         length = max(features["source_ids"].shape[1], labels.shape[1])
         bound = next(b for b in (16, 32, MAX_LENGTH) if length <= b)
         assert labels.shape[0] <= 1024 // bound
+
+
+def test_length_multiple_gives_fixed_shapes_and_keeps_every_pair(small_corpus, tokenizer):
+    # 60 is not a multiple of 16: the last bucket is capped there. With a multiple of 16 the
+    # coarse bucket 8 becomes 16 too; left at 8, its batches (128 rows) would not fit the
+    # 64 rows of shape 16 and lose pairs.
+    max_length, multiple = 60, 16
+    shapes = batch_shapes(max_length, 1024, multiple)
+    assert shapes == [(64, 16), (32, 32), (21, 48), (17, 60)]
+    dataset = make_dataset(
+        small_corpus,
+        tokenizer,
+        batch_tokens=1024,
+        max_length=max_length,
+        seed=3,
+        length_multiple=multiple,
+    )
+    pairs, seen = collections.Counter(), set()
+    for features, labels in batches(dataset):
+        source, target = features["source_ids"], features["target_ids"]
+        assert source.shape == target.shape == labels.shape
+        assert source.shape in shapes
+        seen.add(source.shape)
+        real = (source != 0).any(axis=1)
+        # Rows added to fill the shape are padding only, on every side.
+        assert not (target[~real] != 0).any() and not (labels[~real] != 0).any()
+        for source_row, label_row in zip(rows(source[real]), rows(labels[real]), strict=True):
+            pairs[(source_row[:-1], label_row[:-1])] += 1
+    assert len(seen) > 1
+    tokenized_sources = tokenizer.tokenize(tf.constant(small_corpus.sources)).to_list()
+    tokenized_targets = tokenizer.tokenize(tf.constant(small_corpus.targets)).to_list()
+    expected = collections.Counter(
+        (tuple(s), tuple(t))
+        for s, t in zip(tokenized_sources, tokenized_targets, strict=True)
+        if len(s) + 1 <= max_length and len(t) + 1 <= max_length
+    )
+    assert pairs == expected
 
 
 def test_same_seed_same_batches_other_seed_other_batches(small_corpus, tokenizer):

@@ -17,6 +17,7 @@ import pytest
 
 from keras_transformer.translation import model_dir as layout
 from training.run_config import load_run_config
+from training.train import COMPLETE
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "training" / "configs" / "tiny.yaml"
@@ -24,6 +25,8 @@ TINY = ROOT / "training" / "configs" / "tiny.yaml"
 
 # The resumed run evaluates, and decodes with a batch size that is not the default.
 RESUMED = ("train.eval_every_steps=30", "decode.batch_size=32")
+# Every batch shape is one XLA compilation on JAX (seconds each here): two shapes, 24 and 48.
+BACKEND_SETTINGS = {"tensorflow": (), "jax": ("data.length_multiple=24",)}
 
 
 def _overrides(model_dir, *extra):
@@ -40,19 +43,20 @@ def _train_command(model_dir, *extra):
     return [sys.executable, "-m", "training.train", "--config", str(TINY), *sets]
 
 
-@pytest.fixture(scope="module")
-def resumed_run(tmp_path_factory):
+def _env(backend="tensorflow"):
+    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT), KERAS_BACKEND=backend)
+
+
+def _kill_and_resume(model_dir, backend):
     """Starts a tiny run, SIGKILLs it after its step-20 save, and runs the command again.
 
     The first run has dev evaluation off (`eval_every_steps=0`, which once crashed at the first
     batch); the resumed one evaluates every 30 steps.
     """
-    model_dir = tmp_path_factory.mktemp("run") / "tiny"
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT))
     first = subprocess.Popen(
-        _train_command(model_dir, "train.eval_every_steps=0"),
+        _train_command(model_dir, "train.eval_every_steps=0", *BACKEND_SETTINGS[backend]),
         cwd=ROOT,
-        env=env,
+        env=_env(backend),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
@@ -63,16 +67,43 @@ def resumed_run(tmp_path_factory):
     first.send_signal(signal.SIGKILL)
     first_output = first.communicate()[0].decode()
     assert target.exists(), first_output[-3000:]
-    command = _train_command(model_dir, *RESUMED)
-    second = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    second = _run(model_dir, backend)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     return model_dir, first_output, second.stdout
 
 
-def test_killed_run_resumes_from_its_last_save(resumed_run):
-    model_dir, first_output, second_output = resumed_run
+def _run(model_dir, backend):
+    """The resumed run's command, run to its end."""
+    command = _train_command(model_dir, *RESUMED, *BACKEND_SETTINGS[backend])
+    return subprocess.run(
+        command, cwd=ROOT, env=_env(backend), capture_output=True, text=True, timeout=600
+    )
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """`runs(backend)`: the killed-and-resumed tiny run of that backend, made once."""
+    made = {}
+
+    def get(backend):
+        if backend not in made:
+            made[backend] = _kill_and_resume(tmp_path_factory.mktemp(backend) / "tiny", backend)
+        return made[backend]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def resumed_run(runs):
+    return runs("tensorflow")
+
+
+@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+def test_killed_run_resumes_from_its_last_save(runs, backend):
+    model_dir, first_output, second_output = runs(backend)
     summary = json.loads(second_output.strip().splitlines()[-1])
-    assert summary["steps"] == 60
+    assert summary["steps"] == 60 and summary["backend"] == backend
+    assert summary["reason"] == "max_steps"
     steps_logged = [
         int(line.split()[1].split("/")[0])
         for line in second_output.splitlines()
@@ -90,6 +121,64 @@ def test_killed_run_resumes_from_its_last_save(resumed_run):
     assert "tok:13a" in history[-1]["signature"]
     assert (model_dir / layout.BEST).is_file()
     assert "dev BLEU" not in first_output and "step      20/60" in first_output
+    if backend == "jax":
+        # Fixed shapes: the train step was compiled for the two bucket shapes at most.
+        assert 1 <= summary["traced_batch_shapes"] <= 2, second_output
+
+
+def _artifacts(model_dir):
+    """Bytes of everything a run writes that a re-run must leave alone."""
+    paths = [
+        model_dir / layout.FINAL,
+        model_dir / layout.BEST,
+        model_dir / layout.EVAL_HISTORY,
+        model_dir / COMPLETE,
+        model_dir / "train_clock.json",
+        *sorted((model_dir / layout.BACKUP).rglob("*")),
+        *sorted((model_dir / "checkpoints").glob("*")),
+    ]
+    return {str(path.relative_to(model_dir)): path.read_bytes() for path in paths if path.is_file()}
+
+
+@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+def test_a_finished_run_stays_finished(runs, backend):
+    model_dir = runs(backend)[0]
+    before = _artifacts(model_dir)
+    assert f"checkpoints/{layout.step_checkpoint(model_dir, 60).name}" in before
+    rerun = _run(model_dir, backend)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "run already complete at step 60 (max_steps; max_steps 60" in rerun.stdout
+    assert "nothing to do" in rerun.stdout
+    assert _artifacts(model_dir) == before
+
+
+@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+def test_a_run_killed_before_its_completion_marker_is_only_marked(runs, backend, tmp_path):
+    """Killed after its last backup (step 60) but before `complete.json`: the re-run restores
+    step 60 and saves it; it must not train step 61."""
+    model_dir = runs(backend)[0]
+    final = _weights(model_dir / layout.FINAL)
+    (model_dir / COMPLETE).unlink()
+    (model_dir / layout.FINAL).unlink()
+    rerun = _run(model_dir, backend)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert "resumed at step 60: max_steps already reached" in rerun.stdout
+    assert not [line for line in rerun.stdout.splitlines() if line.startswith("step ")]
+    assert [step for step, _ in layout.list_step_checkpoints(model_dir)][-1] == 60
+    for saved, restored in zip(final, _weights(model_dir / layout.FINAL), strict=True):
+        np.testing.assert_array_equal(saved, restored)
+    assert json.loads((model_dir / COMPLETE).read_text())["steps"] == 60
+
+
+def _weights(path):
+    import h5py
+
+    with h5py.File(path, "r") as file:
+        arrays = []
+        file.visititems(
+            lambda name, item: arrays.append(item[()]) if isinstance(item, h5py.Dataset) else None
+        )
+    return arrays
 
 
 def test_the_run_writes_its_config_and_decode_settings(resumed_run):
