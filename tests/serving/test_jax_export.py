@@ -108,9 +108,11 @@ def test_jax_trained_weights_export_and_translate_like_jax(tmp_path, shared_data
     assert jax_run["backend"] == "jax"
     assert jax_run["losses"][-1] < jax_run["losses"][0]
     expected = jax_run["translations"]
-    # Trained enough to say something different for most sentences (random weights never emit
-    # eos), so a mismatch cannot hide behind identical or empty outputs.
+    # Trained enough that most sentences get their own non-empty translation, ended by eos
+    # (random weights run to the length limit), so a mismatch cannot hide behind identical,
+    # empty or cut-off outputs.
     assert len(set(expected)) >= len(sentences) // 2 and all(expected), expected
+    assert sum(config.eos_id in row for row in jax_run["target_ids"]) >= len(sentences) // 2
 
     version = export(model_dir, tmp_path / "exports" / "transformer" / "1")
     served = tf.saved_model.load(str(version))
