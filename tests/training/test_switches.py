@@ -23,8 +23,10 @@ from keras_transformer.translation import model_dir as layout
 from tests.subprocess_report import run_script
 from tests.training.switch_runs import logged_steps, tensorboard_scalars, train_tiny
 
+# Checked on TensorFlow, the suite's backend: `strategy: mirrored` and `jit_compile` are
+# TensorFlow's switches (JAX compiles every step anyway).
 pytestmark = pytest.mark.skipif(
-    keras.config.backend() != "tensorflow", reason="training.train runs on TensorFlow"
+    keras.config.backend() != "tensorflow", reason="the switch runs are checked on TensorFlow"
 )
 
 VOCAB_SIZE = 300  # the tiny config's
