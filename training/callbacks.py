@@ -20,7 +20,31 @@ def _positive_steps(name, value):
     return int(value)
 
 
-class ProgressLogger(keras.callbacks.Callback):
+class UpdateCallback(keras.callbacks.Callback):
+    """A callback that acts once per optimizer update, not once per batch.
+
+    With `train.gradient_accumulation_steps: k` Keras runs k batches per update, and
+    `optimizer.iterations` (which counts updates) repeats for k - 1 of them, 0 included before
+    the first update; acting on every batch would save, log and evaluate k times per step.
+    Subclasses that override `on_train_begin` call this one.
+    """
+
+    def on_train_begin(self, logs=None):
+        self._last_step = self.current_step()
+
+    def current_step(self) -> int:
+        return int(self.model.optimizer.iterations.numpy())
+
+    def completed_update(self) -> int | None:
+        """The step just reached when this batch completed an update, else `None`."""
+        step = self.current_step()
+        if step == self._last_step:
+            return None
+        self._last_step = step
+        return step
+
+
+class ProgressLogger(UpdateCallback):
     """Prints step, loss, accuracy, learning rate, target tokens/s and ETA every N steps.
 
     Reads the `target_tokens` metric, a running count within each Keras epoch.
@@ -35,7 +59,8 @@ class ProgressLogger(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         # BackupAndRestore runs before this callback, so a resumed run starts at its step.
-        self.first_step = int(self.model.optimizer.iterations.numpy())
+        super().on_train_begin(logs)
+        self.first_step = self.current_step()
         self.start = self.window_start = time.monotonic()
         self.window_tokens = 0.0
         self.epoch_tokens = 0.0
@@ -48,8 +73,8 @@ class ProgressLogger(keras.callbacks.Callback):
         tokens = float(logs.get("target_tokens", 0.0))
         self.window_tokens += max(tokens - self.epoch_tokens, 0.0)
         self.epoch_tokens = tokens
-        step = int(self.model.optimizer.iterations.numpy())
-        if step % self.every_steps:
+        step = self.completed_update()
+        if step is None or step % self.every_steps:
             return
         now = time.monotonic()
         rate = self.window_tokens / max(now - self.window_start, 1e-9)
@@ -74,7 +99,7 @@ def _clock(seconds):
     return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-class StepCheckpoints(keras.callbacks.Callback):
+class StepCheckpoints(UpdateCallback):
     """Saves weights every N steps as `checkpoints/step-XXXXXXXX.weights.h5`, keeping the last K.
 
     These are what `training.average` averages; `BackupAndRestore` keeps the resumable state.
@@ -87,8 +112,8 @@ class StepCheckpoints(keras.callbacks.Callback):
         self.keep = int(keep)
 
     def on_train_batch_end(self, batch, logs=None):
-        step = int(self.model.optimizer.iterations.numpy())
-        if step % self.every_steps == 0:
+        step = self.completed_update()
+        if step is not None and step % self.every_steps == 0:
             self.save(step)
 
     def save(self, step):
@@ -99,7 +124,7 @@ class StepCheckpoints(keras.callbacks.Callback):
             old.unlink(missing_ok=True)
 
 
-class BleuEvaluator(keras.callbacks.Callback):
+class BleuEvaluator(UpdateCallback):
     """Every N steps: translates dev sentences, scores sacreBLEU, keeps the best weights.
 
     `translator_factory(model)` gives the object whose `translate(sentences)` decodes them
@@ -133,8 +158,8 @@ class BleuEvaluator(keras.callbacks.Callback):
         return [json.loads(line) for line in self.history_path.read_text().splitlines() if line]
 
     def on_train_batch_end(self, batch, logs=None):
-        step = int(self.model.optimizer.iterations.numpy())
-        if step % self.every_steps == 0:
+        step = self.completed_update()
+        if step is not None and step % self.every_steps == 0:
             self.evaluate(step)
 
     def evaluate(self, step):
@@ -182,7 +207,7 @@ class RunComplete(Exception):
         self.reason = reason
 
 
-class TrainingBudget(keras.callbacks.Callback):
+class TrainingBudget(UpdateCallback):
     """Stops at `max_steps` optimizer steps or after `max_seconds` of training, across resumes.
 
     The seconds already spent are kept in `train_clock.json` next to the backup, written when
@@ -220,14 +245,17 @@ class TrainingBudget(keras.callbacks.Callback):
         return None
 
     def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
         self.start = time.monotonic()
-        step = int(self.model.optimizer.iterations.numpy())
+        step = self.current_step()
         self.reason = self.stop_reason(step)
         if self.reason:
             raise RunComplete(step, self.reason)
 
     def on_train_batch_end(self, batch, logs=None):
-        step = int(self.model.optimizer.iterations.numpy())
+        step = self.completed_update()
+        if step is None:
+            return
         if step % self.save_every_steps == 0:
             self.save(step)
         self.reason = self.stop_reason(step)
@@ -239,7 +267,7 @@ class TrainingBudget(keras.callbacks.Callback):
         self.path.write_text(json.dumps({"seconds": self.elapsed(), "step": step}))
 
     def on_train_end(self, logs=None):
-        self.save(int(self.model.optimizer.iterations.numpy()))
+        self.save(self.current_step())
 
 
 class TokenCount(keras.metrics.Metric):

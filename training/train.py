@@ -181,6 +181,9 @@ def train(run_config: RunConfig) -> dict:
             jit_compile=opts.jit_compile,
         )
 
+    # Steps are optimizer updates; Keras' own counters (fit's steps, BackupAndRestore's
+    # save_freq, TensorBoard's update_freq) count batches, k per update under accumulation.
+    batches_per_step = opts.gradient_accumulation_steps
     max_seconds = None if opts.max_minutes is None else opts.max_minutes * 60
     budget = cb.TrainingBudget(model_dir, opts.max_steps, max_seconds, opts.save_every_steps)
     # Keras runs callbacks in this (insertion) order. BackupAndRestore is first: the others
@@ -188,7 +191,7 @@ def train(run_config: RunConfig) -> dict:
     callbacks = {
         "backup": keras.callbacks.BackupAndRestore(
             str(model_dir / layout.BACKUP),
-            save_freq=opts.save_every_steps,
+            save_freq=opts.save_every_steps * batches_per_step,
             double_checkpoint=True,
             delete_checkpoint=False,
         ),
@@ -200,7 +203,7 @@ def train(run_config: RunConfig) -> dict:
             model_dir, opts.save_every_steps, keep=opts.keep_checkpoints
         ),
         "tensorboard": keras.callbacks.TensorBoard(
-            str(model_dir / layout.LOGS), update_freq=opts.log_every_steps
+            str(model_dir / layout.LOGS), update_freq=opts.log_every_steps * batches_per_step
         ),
     }
     if run_config.dev_evaluation:
@@ -223,7 +226,7 @@ def train(run_config: RunConfig) -> dict:
         model.fit(
             dataset,
             epochs=math.ceil(opts.max_steps / opts.steps_per_epoch),
-            steps_per_epoch=opts.steps_per_epoch,
+            steps_per_epoch=opts.steps_per_epoch * batches_per_step,
             callbacks=list(callbacks.values()),
             verbose=0,
         )

@@ -119,11 +119,6 @@ def test_accumulated_updates_equal_updates_on_the_whole_batch():
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="training.train runs max_steps (and BackupAndRestore's save_freq) in micro-batches, "
-    "and the step callbacks act on every micro-batch of an update (see the report of issue 9)",
-)
 def test_accumulation_run_counts_optimizer_updates(tmp_path, vocab, shared_data_dir):
     """max_steps, save_every_steps and the progress line count updates of 2 micro-batches."""
     run = train_tiny(
