@@ -73,7 +73,7 @@ class JaxGreedyTranslator(Translator):
     def _stateless_search(self, values, source_ids):
         mapping = list(zip(self.model.variables, values, strict=True))
         with keras.StatelessScope(state_mapping=mapping):
-            result = greedy_search(self.model, source_ids, **self._length_options)
+            result = greedy_search(self.model, source_ids, **self.length_options)
         return result["target_ids"], result["scores"]
 
     def search(self, source_ids, beam_size: int, num_returned: int = 1):
@@ -110,7 +110,7 @@ class JaxGreedyTranslator(Translator):
             raise ValueError(f"JaxGreedyTranslator decodes greedily, got beam_size {beam_size}")
         # The `greedy` signature's own Python body, run eagerly: TensorFlow tokenizes and
         # detokenizes, and its call to `search` lands in the compiled JAX program above.
-        rows = self._run_in_batches(self.greedy.python_function, sentences)
+        rows = self.run_in_batches(self.greedy.python_function, sentences)
         return [row["translations"].decode("utf-8") for row in rows]
 
     def translate_nbest(self, sentences):

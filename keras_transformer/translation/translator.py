@@ -82,9 +82,9 @@ class Translator(tf.Module):
         # Source tokens plus eos fill the positional table; outputs are capped by the search.
         self.max_source_tokens = model.config.max_length - 1
         if fixed_output_length:
-            self._length_options = dict(max_output_length=int(fixed_output_length), ignore_eos=True)
+            self.length_options = dict(max_output_length=int(fixed_output_length), ignore_eos=True)
         else:
-            self._length_options = dict(extra_length=self.settings.extra_length)
+            self.length_options = dict(extra_length=self.settings.extra_length)
 
     def describe(self) -> dict:
         """What this module does to its inputs, as recorded in an export's `export.json`."""
@@ -143,7 +143,7 @@ class Translator(tf.Module):
 
         def run():
             if beam_size == 1:
-                result = greedy_search(self.model, source_ids, **self._length_options)
+                result = greedy_search(self.model, source_ids, **self.length_options)
                 return result["target_ids"][:, None], result["scores"][:, None]
             result = beam_search(
                 self.model,
@@ -151,7 +151,7 @@ class Translator(tf.Module):
                 beam_size=beam_size,
                 length_penalty_alpha=self.settings.length_penalty_alpha,
                 num_returned=num_returned,
-                **self._length_options,
+                **self.length_options,
             )
             return result["target_ids"], result["scores"]
 
@@ -235,7 +235,7 @@ class Translator(tf.Module):
                 fixed_output_length=self.fixed_output_length,
             )
             return other.translate(sentences)
-        rows = self._run_in_batches(self.serving_default, sentences)
+        rows = self.run_in_batches(self.serving_default, sentences)
         return [row["translations"].decode("utf-8") for row in rows]
 
     def translate_nbest(
@@ -244,7 +244,7 @@ class Translator(tf.Module):
         """The `beam` signature's `settings.nbest` hypotheses per sentence, best first, as
         `(translation, length-penalized log-probability)` pairs, or with `with_ids`
         `(translation, score, target ids up to and including eos)` triples."""
-        rows = self._run_in_batches(self.beam, sentences)
+        rows = self.run_in_batches(self.beam, sentences)
         results = []
         for row in rows:
             hypotheses = zip(
@@ -258,7 +258,7 @@ class Translator(tf.Module):
             )
         return results
 
-    def _run_in_batches(self, signature, sentences) -> list[dict[str, np.ndarray]]:
+    def run_in_batches(self, signature, sentences) -> list[dict[str, np.ndarray]]:
         """Runs a text signature on length-sorted batches; one output row per sentence, in order."""
         if isinstance(sentences, (str, bytes)):
             raise TypeError(f"sentences must be a list of sentences, got one: {sentences[:50]!r}")
