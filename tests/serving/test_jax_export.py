@@ -11,10 +11,8 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from tiny_run import MAX_LENGTH, SETTINGS, _batches
+from tiny_run import _batches, write_model_dir_files
 
-from keras_transformer import TransformerConfig
-from keras_transformer.translation import model_dir as layout
 from serving.export import export
 from tests.subprocess_report import run_script
 
@@ -73,22 +71,12 @@ def _until_eos(rows, eos_id):
 def test_jax_trained_weights_export_and_translate_like_jax(tmp_path, shared_data_dir):
     if keras.config.backend() != "tensorflow":
         pytest.skip(f"exports run on the TensorFlow backend, not {keras.config.backend()}")
-    from training.vocab import train_vocab
-
     multi30k = shared_data_dir / "multi30k"
-    sources = (multi30k / "val.en").read_text().splitlines()
-    targets = (multi30k / "val.de").read_text().splitlines()
     sentences = (multi30k / "test_2016_flickr.en").read_text().splitlines()[:12]
 
     model_dir = tmp_path / "run"
     model_dir.mkdir()
-    train_vocab(sources + targets, model_dir / "spm", vocab_size=300, seed=1)
-    tokenizer = layout.load_tokenizer(model_dir)
-    config = TransformerConfig.preset(
-        "tiny", vocab_size=tokenizer.vocab_size, max_length=MAX_LENGTH
-    )
-    config.to_json(model_dir / layout.TRANSFORMER_CONFIG)
-    SETTINGS.to_json(model_dir / layout.DECODE_SETTINGS)
+    tokenizer, config, sources, targets = write_model_dir_files(model_dir, shared_data_dir)
     x, labels = _batches(tokenizer, sources, targets)
     # One batch shape, so XLA compiles the train step once: the pairs that fit in
     # TRAIN_LENGTH tokens per side, in whole batches of 32.

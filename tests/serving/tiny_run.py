@@ -38,17 +38,15 @@ def _batches(tokenizer, sources, targets, batch_size=32):
     return {"source_ids": x_source, "target_ids": x_target}, labels
 
 
-def tiny_model_dir(tmp_path_factory, data_dir: Path) -> Path:
-    """`spm.model` (300 pieces, Multi30k val), `transformer_config.json` (`tiny`, max length
-    64), `final.weights.h5` (4 epochs over Multi30k val), `decode_settings.json` (`SETTINGS`)."""
-    if "dir" in _BUILT:
-        return _BUILT["dir"]
+def write_model_dir_files(model_dir: Path, data_dir: Path):
+    """Everything of a model directory but its weights: `spm.model` (300 pieces, trained on
+    Multi30k val), `transformer_config.json` (`tiny`), `decode_settings.json` (`SETTINGS`).
+
+    Returns:
+        `(tokenizer, config, sources, targets)`: the last two are Multi30k val's sentences.
+    """
     from training.vocab import train_vocab
 
-    # Seed first: `tf.random.set_seed` clears TensorFlow's kernel cache, and with it the
-    # SentencePiece resource of a tokenizer created before.
-    keras.utils.set_random_seed(0)
-    model_dir = tmp_path_factory.mktemp("tiny_run")
     sources = (data_dir / "multi30k" / "val.en").read_text().splitlines()
     targets = (data_dir / "multi30k" / "val.de").read_text().splitlines()
     train_vocab(sources + targets, model_dir / "spm", vocab_size=300, seed=1)
@@ -58,6 +56,19 @@ def tiny_model_dir(tmp_path_factory, data_dir: Path) -> Path:
     )
     config.to_json(model_dir / layout.TRANSFORMER_CONFIG)
     SETTINGS.to_json(model_dir / layout.DECODE_SETTINGS)
+    return tokenizer, config, sources, targets
+
+
+def tiny_model_dir(tmp_path_factory, data_dir: Path) -> Path:
+    """`spm.model` (300 pieces, Multi30k val), `transformer_config.json` (`tiny`, max length
+    64), `final.weights.h5` (4 epochs over Multi30k val), `decode_settings.json` (`SETTINGS`)."""
+    if "dir" in _BUILT:
+        return _BUILT["dir"]
+    # Seed first: `tf.random.set_seed` clears TensorFlow's kernel cache, and with it the
+    # SentencePiece resource of a tokenizer created before.
+    keras.utils.set_random_seed(0)
+    model_dir = tmp_path_factory.mktemp("tiny_run")
+    tokenizer, config, sources, targets = write_model_dir_files(model_dir, data_dir)
     model = build_transformer(config)
     model.compile(
         optimizer=keras.optimizers.Adam(3e-3),

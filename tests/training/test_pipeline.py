@@ -81,14 +81,7 @@ def test_batches_hold_each_pair_once_shifted_and_within_budget(corpus, tokenizer
         # Padded to the batch's longest pair, not beyond.
         assert (source[:, -1] != 0).any() and (labels[:, -1] != 0).any()
 
-    tokenized_sources = tokenizer.tokenize(tf.constant(corpus.sources)).to_list()
-    tokenized_targets = tokenizer.tokenize(tf.constant(corpus.targets)).to_list()
-    expected = collections.Counter(
-        (tuple(s), tuple(t))
-        for s, t in zip(tokenized_sources, tokenized_targets, strict=True)
-        if len(s) + 1 <= MAX_LENGTH and len(t) + 1 <= MAX_LENGTH
-    )
-    assert pairs == expected
+    assert pairs == expected_pairs(tokenizer, corpus, MAX_LENGTH)
 
 
 def test_padding_efficiency_on_multi30k(corpus, tokenizer, multi30k_epoch):
@@ -158,14 +151,7 @@ def test_length_multiple_gives_fixed_shapes_and_keeps_every_pair(small_corpus, t
         for source_row, label_row in zip(rows(source[real]), rows(labels[real]), strict=True):
             pairs[(source_row[:-1], label_row[:-1])] += 1
     assert len(seen) > 1
-    tokenized_sources = tokenizer.tokenize(tf.constant(small_corpus.sources)).to_list()
-    tokenized_targets = tokenizer.tokenize(tf.constant(small_corpus.targets)).to_list()
-    expected = collections.Counter(
-        (tuple(s), tuple(t))
-        for s, t in zip(tokenized_sources, tokenized_targets, strict=True)
-        if len(s) + 1 <= max_length and len(t) + 1 <= max_length
-    )
-    assert pairs == expected
+    assert pairs == expected_pairs(tokenizer, small_corpus, max_length)
 
 
 def test_same_seed_same_batches_other_seed_other_batches(small_corpus, tokenizer):
@@ -262,3 +248,14 @@ def test_default_bucket_boundaries():
     assert all(b < c for b, c in zip(bounds, bounds[1:], strict=False))
     assert len(bounds) < 45
     assert default_bucket_boundaries(5) == [5]
+
+
+def expected_pairs(tokenizer, corpus, max_length):
+    """Counter of the `(source ids, target ids)` pairs that fit `max_length` with eos/bos."""
+    sources = tokenizer.tokenize(tf.constant(corpus.sources)).to_list()
+    targets = tokenizer.tokenize(tf.constant(corpus.targets)).to_list()
+    return collections.Counter(
+        (tuple(s), tuple(t))
+        for s, t in zip(sources, targets, strict=True)
+        if len(s) + 1 <= max_length and len(t) + 1 <= max_length
+    )
