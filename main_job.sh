@@ -19,6 +19,7 @@ PY=.venv/bin/python
 $PY -m training.train --config "$CONFIG" \
   --set train.model_dir="$MODEL_DIR" --set train.max_minutes="$MAX_MINUTES"
 $PY -m training.average --model-dir "$MODEL_DIR" --last "${AVERAGE_LAST:-5}"
+$PY -m training.curves --model-dir "$MODEL_DIR"
 # evaluate and export decode as the config's decode: section says (MODEL_DIR/decode_settings.json).
 $PY -m training.evaluate --model-dir "$MODEL_DIR" --corpus text:../shared/data/multi30k/test_2016_flickr \
   --source-lang en --target-lang de | tee "$MODEL_DIR/test_2016_flickr.json"

@@ -47,15 +47,19 @@ class UpdateCallback(keras.callbacks.Callback):
 class ProgressLogger(UpdateCallback):
     """Prints step, loss, accuracy, learning rate, target tokens/s and ETA every N steps.
 
-    Reads the `target_tokens` metric, a running count within each Keras epoch.
+    Reads the `target_tokens` metric, a running count within each Keras epoch. With
+    `progress_path`, each line is also appended there as JSON (what `training.curves` plots).
     """
 
-    def __init__(self, every_steps, max_steps, max_seconds=None, elapsed_before=0.0):
+    def __init__(
+        self, every_steps, max_steps, max_seconds=None, elapsed_before=0.0, progress_path=None
+    ):
         super().__init__()
         self.every_steps = _positive_steps("every_steps", every_steps)
         self.max_steps = int(max_steps)
         self.max_seconds = max_seconds
         self.elapsed_before = float(elapsed_before)
+        self.progress_path = None if progress_path is None else Path(progress_path)
 
     def on_train_begin(self, logs=None):
         # BackupAndRestore runs before this callback, so a resumed run starts at its step.
@@ -83,14 +87,24 @@ class ProgressLogger(UpdateCallback):
         eta = (self.max_steps - step) * per_step
         if self.max_seconds:
             eta = min(eta, max(self.max_seconds - elapsed, 0.0))
-        learning_rate = self.model.optimizer.learning_rate
+        entry = {
+            "step": step,
+            "loss": float(logs.get("loss", float("nan"))),
+            "token_accuracy": float(logs.get("token_accuracy", float("nan"))),
+            "learning_rate": float(np.asarray(self.model.optimizer.learning_rate)),
+            "target_tokens_per_second": rate,
+            "elapsed_seconds": elapsed,
+        }
         print(
-            f"step {step:>7d}/{self.max_steps} | loss {logs.get('loss', float('nan')):.4f}"
-            f" | acc {logs.get('token_accuracy', float('nan')):.4f}"
-            f" | lr {float(np.asarray(learning_rate)):.2e} | {rate:,.0f} tgt tok/s"
+            f"step {step:>7d}/{self.max_steps} | loss {entry['loss']:.4f}"
+            f" | acc {entry['token_accuracy']:.4f}"
+            f" | lr {entry['learning_rate']:.2e} | {rate:,.0f} tgt tok/s"
             f" | elapsed {_clock(elapsed)} | ETA {_clock(eta)}",
             flush=True,
         )
+        if self.progress_path is not None:
+            with self.progress_path.open("a") as file:
+                file.write(json.dumps({k: round(v, 6) for k, v in entry.items()}) + "\n")
         self.window_start, self.window_tokens = now, 0.0
 
 

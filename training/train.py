@@ -197,7 +197,11 @@ def train(run_config: RunConfig) -> dict:
         ),
         "budget": budget,
         "progress": cb.ProgressLogger(
-            opts.log_every_steps, opts.max_steps, max_seconds, budget.elapsed_before
+            opts.log_every_steps,
+            opts.max_steps,
+            max_seconds,
+            budget.elapsed_before,
+            progress_path=model_dir / layout.PROGRESS,
         ),
         "checkpoints": cb.StepCheckpoints(
             model_dir, opts.save_every_steps, keep=opts.keep_checkpoints

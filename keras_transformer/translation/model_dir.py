@@ -19,6 +19,7 @@ BEST = "best.weights.h5"
 AVERAGED = "averaged.weights.h5"
 FINAL = "final.weights.h5"
 EVAL_HISTORY = "bleu_history.jsonl"
+PROGRESS = "progress.jsonl"
 
 _STEP = re.compile(r"step-(\d+)\.weights\.h5$")
 

@@ -289,3 +289,31 @@ def test_mirrored_strategy_trains_with_the_single_device_loss(
     # the loss (a missed division by the replicas) or another batch is far outside 1e-3.
     assert report["batch_loss"]["1"] == pytest.approx(single_device, rel=1e-3)
     assert report["epoch_losses"][-1] < report["epoch_losses"][0] - 0.2, report
+
+
+# --- the run's own logs, as the curves command plots them ------------------------------------
+
+
+def test_progress_log_and_curves_of_a_real_run(stopped_run, tmp_path):
+    """`progress.jsonl` holds every progress line (steps 1..6 here, with the printed loss) and
+    `training.curves` plots it with the dev BLEU of `bleu_history.jsonl`. Catches a progress
+    log that is not written or misses steps, and figures whose lines are not the run's."""
+    from training import curves
+
+    data = curves.curves(stopped_run.model_dir)
+    assert data["loss"]["step"].tolist() == logged_steps(stopped_run.output) == [1, 2, 3, 4, 5, 6]
+    assert np.all(np.diff(data["loss"]["seconds"]) >= 0)
+    assert data["bleu"]["step"].tolist() == [2, 4, 6]
+    figures = curves.curve_figures(data)
+    assert set(figures) == {"curves_by_step", "curves_by_time"}
+    panels = figures["curves_by_step"].axes
+    assert [axis.get_title() for axis in panels] == [title for _, title in curves.PANELS]
+    for axis, (key, _) in zip(panels, curves.PANELS, strict=True):
+        (line,) = axis.get_lines()
+        np.testing.assert_allclose(line.get_ydata(), data[key]["value"])
+    argv = ["--model-dir", str(stopped_run.model_dir), "--output-dir", str(tmp_path)]
+    assert curves.main(argv) == 0
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == [
+        "curves_by_step.png",
+        "curves_by_time.png",
+    ]
