@@ -13,10 +13,6 @@ from keras_transformer.translation import model_dir as layout
 from training.corpus import CorpusError
 from training.run_config import ConfigError, RunConfig, dump_run_config, load_run_config
 
-# Written last, after final.weights.h5 and the last step checkpoint: its presence means the run
-# finished, and it holds the run's summary and why it stopped.
-COMPLETE = "complete.json"
-
 
 def _spec(corpus) -> dict:
     """A corpus entry of the config: a spec string or a `{"spec": ..., options}` block."""
@@ -74,7 +70,7 @@ def _completed(model_dir: Path, run_config: RunConfig) -> dict | None:
     whose budget it has spent; raising `max_steps` or `max_minutes` (or dropping early
     stopping) continues it.
     """
-    marker = model_dir / COMPLETE
+    marker = model_dir / layout.COMPLETE
     if not marker.is_file():
         return None
     done = json.loads(marker.read_text())
@@ -128,7 +124,7 @@ def train(run_config: RunConfig) -> dict:
         print(json.dumps(done), flush=True)
         return done
     # A later budget continues a finished run; it is complete again only when it ends.
-    (model_dir / COMPLETE).unlink(missing_ok=True)
+    (model_dir / layout.COMPLETE).unlink(missing_ok=True)
     config.to_json(model_dir / layout.TRANSFORMER_CONFIG)
     run_config.decode.to_json(model_dir / layout.DECODE_SETTINGS)
     dump_run_config(run_config, model_dir / layout.RUN_CONFIG)
@@ -257,7 +253,8 @@ def train(run_config: RunConfig) -> dict:
         "vocab_size": tokenizer.vocab_size,
         "traced_batch_shapes": len(traced),
     }
-    (model_dir / COMPLETE).write_text(json.dumps(summary) + "\n")
+    # Last, after final.weights.h5 and the last step checkpoint: its presence means finished.
+    (model_dir / layout.COMPLETE).write_text(json.dumps(summary) + "\n")
     print(json.dumps(summary), flush=True)
     return summary
 

@@ -20,6 +20,8 @@ AVERAGED = "averaged.weights.h5"
 FINAL = "final.weights.h5"
 EVAL_HISTORY = "bleu_history.jsonl"
 PROGRESS = "progress.jsonl"
+# Written last by a training run that finished (its summary and why it stopped).
+COMPLETE = "complete.json"
 
 _STEP = re.compile(r"step-(\d+)\.weights\.h5$")
 

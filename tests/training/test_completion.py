@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from keras_transformer.translation import model_dir as layout
 from training.callbacks import RunComplete, TrainingBudget
 from training.run_config import load_run_config
-from training.train import COMPLETE, _completed
+from training.train import _completed
 
 TINY = Path(__file__).resolve().parents[2] / "training" / "configs" / "tiny.yaml"
 
@@ -20,7 +21,7 @@ def _config(*sets):
 
 def _mark(model_dir, steps, reason, seconds):
     marker = {"steps": steps, "reason": reason, "train_seconds": seconds}
-    (model_dir / COMPLETE).write_text(json.dumps(marker))
+    (model_dir / layout.COMPLETE).write_text(json.dumps(marker))
     return marker
 
 

@@ -17,7 +17,6 @@ import pytest
 
 from keras_transformer.translation import model_dir as layout
 from training.run_config import load_run_config
-from training.train import COMPLETE
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "training" / "configs" / "tiny.yaml"
@@ -132,7 +131,7 @@ def _artifacts(model_dir):
         model_dir / layout.FINAL,
         model_dir / layout.BEST,
         model_dir / layout.EVAL_HISTORY,
-        model_dir / COMPLETE,
+        model_dir / layout.COMPLETE,
         model_dir / "train_clock.json",
         *sorted((model_dir / layout.BACKUP).rglob("*")),
         *sorted((model_dir / "checkpoints").glob("*")),
@@ -158,7 +157,7 @@ def test_a_run_killed_before_its_completion_marker_is_only_marked(runs, backend,
     step 60 and saves it; it must not train step 61."""
     model_dir = runs(backend)[0]
     final = _weights(model_dir / layout.FINAL)
-    (model_dir / COMPLETE).unlink()
+    (model_dir / layout.COMPLETE).unlink()
     (model_dir / layout.FINAL).unlink()
     rerun = _run(model_dir, backend)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
@@ -167,7 +166,7 @@ def test_a_run_killed_before_its_completion_marker_is_only_marked(runs, backend,
     assert [step for step, _ in layout.list_step_checkpoints(model_dir)][-1] == 60
     for saved, restored in zip(final, _weights(model_dir / layout.FINAL), strict=True):
         np.testing.assert_array_equal(saved, restored)
-    assert json.loads((model_dir / COMPLETE).read_text())["steps"] == 60
+    assert json.loads((model_dir / layout.COMPLETE).read_text())["steps"] == 60
 
 
 def _weights(path):
