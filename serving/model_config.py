@@ -34,6 +34,16 @@ def parse_model_server_config(text: str, source: str = "<string>") -> ModelServe
         text_format.Parse(text, config)
     except text_format.ParseError as error:
         raise ValueError(f"{source} is not a valid ModelServerConfig text proto: {error}") from None
+    check_model_server_config(config, source)
+    return config
+
+
+def check_model_server_config(config: ModelServerConfig, source: str = "<config>") -> None:
+    """Checks a parsed config as `parse_model_server_config` does; see there.
+
+    Raises:
+        ValueError: Naming `source` and the problem.
+    """
     if not config.HasField("model_config_list"):
         raise ValueError(
             f"{source} has no model_config_list; only model_config_list configs are supported, "
@@ -53,7 +63,6 @@ def parse_model_server_config(text: str, source: str = "<string>") -> ModelServe
                 f"{source}: model {model.name!r} has model_platform "
                 f"{model.model_platform!r}; only 'tensorflow' is supported"
             )
-    return config
 
 
 def read_model_server_config(path: str | os.PathLike) -> ModelServerConfig:
@@ -86,8 +95,9 @@ def make_model_server_config(
     """
     config = ModelServerConfig()
     for name, base_path in models.items():
+        # TF Serving refuses relative base paths (ValidateModelConfigList, server_core.cc).
         model = config.model_config_list.config.add(
-            name=name, base_path=os.fspath(base_path), model_platform="tensorflow"
+            name=name, base_path=os.path.abspath(base_path), model_platform="tensorflow"
         )
         if versions and name in versions:
             model.model_version_policy.specific.versions.extend(versions[name])
@@ -116,7 +126,7 @@ def apply_base_path_overrides(
                 f"base path override names model {name!r}, which is not in the config; "
                 f"models: {sorted(names)}"
             )
-        names[name].base_path = os.fspath(base_path)
+        names[name].base_path = os.path.abspath(base_path)
     return result
 
 

@@ -52,13 +52,20 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-input-bytes",
         type=int,
-        default=2048,
-        help="most bytes per input string (elements per row for numeric inputs)",
+        default=None,
+        help="most bytes per input string (elements per row for numeric inputs); no cap by "
+        "default, like TF Serving (the export truncates long inputs itself)",
     )
     parser.add_argument("--workers", type=int, default=4, help="threads answering requests")
     parser.add_argument("--file_system_poll_wait_seconds", type=float, default=1.0)
     parser.add_argument("--model_config_file_poll_wait_seconds", type=float, default=0.0)
-    parser.add_argument("--allow_version_labels_for_unavailable_models", action="store_true")
+    parser.add_argument(
+        "--allow_version_labels_for_unavailable_models",
+        action="store_true",
+        help="as TF Serving's flag: without it, any version_labels in the config are refused "
+        "at startup (labels are checked before anything loads); moving an existing label to "
+        "a version that is not loaded is refused even with it",
+    )
     return parser
 
 
@@ -70,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.model_config_file:
         model_config = args.model_config_file
     else:
+        # Made absolute here for convenience; TF Serving itself refuses relative base paths.
         model_config = model_config_lib.make_model_server_config(
             {args.model_name: args.model_base_path}
         )

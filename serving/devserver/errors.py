@@ -22,6 +22,14 @@ class ServingError(Exception):
         self.message = message
 
 
+class ConfigRefusedError(ServingError, ValueError):
+    """A model server config that TF Serving's `ServerCore::ReloadConfig` refuses.
+
+    A `ValueError` (the config is bad) that also carries the status TF Serving answers
+    `ModelService.HandleReloadConfigRequest` with; at startup the server does not start.
+    """
+
+
 def error_from_op_error(error: tf.errors.OpError) -> ServingError:
     """A failure inside a signature, with the status code of its TensorFlow error.
 

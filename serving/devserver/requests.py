@@ -19,16 +19,23 @@ DEFAULT_SIGNATURE = "serving_default"
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
-    """Per-request caps, so that one request cannot exhaust a development machine.
+    """Per-request caps.
 
     Attributes:
-        max_batch_size: Most rows (size of dimension 0) an input may have.
-        max_input_bytes: Most bytes one string element may have; for numeric inputs, the most
-            elements per row (e.g. token ids per sentence).
+        max_batch_size: Most rows (size of dimension 0) an input may have: TF Serving's
+            batching `max_batch_size`, which it enforces per request (INVALID_ARGUMENT "Task
+            size N is larger than maximum input batch size M", `Queue::
+            ValidateBatchTaskQueueCapacity` in TensorFlow's
+            core/kernels/batching_util/shared_batch_scheduler.h).
+        max_input_bytes: Most bytes one string element may have (for numeric inputs, elements
+            per row); None, the default, for no cap. TF Serving has no such cap (predict_util.cc
+            checks aliases, not sizes, and server.cc allows 2 GiB messages), and the export
+            truncates what is longer than the model takes, so a cap here would refuse what the
+            real server answers. It is an opt-in guard for shared development machines.
     """
 
     max_batch_size: int = 64
-    max_input_bytes: int = 2048
+    max_input_bytes: int | None = None
 
 
 def _invalid(message: str) -> ServingError:
@@ -79,6 +86,13 @@ def parse_inputs(
             array = tf.make_ndarray(proto)
         except Exception as error:  # a malformed proto may fail in many ways
             raise _invalid(f"tensor parsing error: {alias}: {error}") from None
+        if array.ndim == 0 and spec.shape.rank != 0:
+            # What TF Serving with --enable_batching answers (ComputeTensorBatchSize,
+            # tensorflow_serving/batching/batching_util.h), which is how it runs in production.
+            raise _invalid(
+                f'Batching Run() input tensors must have at least one dimension (input "{alias}" '
+                f"is a scalar; the signature's shape is {spec.shape.as_list()})"
+            )
         if not spec.shape.is_compatible_with(array.shape):
             shape = "unknown" if spec.shape.rank is None else str(spec.shape.as_list())
             raise _invalid(
@@ -92,10 +106,13 @@ def parse_inputs(
 
 def _check_limits(alias: str, array: np.ndarray, limits: Limits) -> None:
     if array.ndim >= 1 and array.shape[0] > limits.max_batch_size:
+        # TF Serving's words (see Limits), which clients may match.
         raise _invalid(
-            f'input "{alias}" has batch size {array.shape[0]}, over the devserver limit '
-            f"max_batch_size={limits.max_batch_size}; send smaller batches"
+            f"Task size {array.shape[0]} is larger than maximum input batch size "
+            f'{limits.max_batch_size} (input "{alias}"; send at most max_batch_size rows)'
         )
+    if limits.max_input_bytes is None:
+        return
     if array.dtype == object:
         longest = max((len(value) for value in array.flat), default=0)
         if longest > limits.max_input_bytes:

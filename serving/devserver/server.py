@@ -93,7 +93,7 @@ def start_server(
     host: str = "127.0.0.1",
     base_path_overrides: Mapping[str, str | os.PathLike] | None = None,
     max_batch_size: int = 64,
-    max_input_bytes: int = 2048,
+    max_input_bytes: int | None = None,
     workers: int = 4,
     file_system_poll_wait_seconds: float = 1.0,
     model_config_file_poll_wait_seconds: float = 0.0,
@@ -107,7 +107,8 @@ def start_server(
         host: Interface to bind; the loopback default keeps the server off the network.
         base_path_overrides: Model name to a local base path replacing the config's.
         max_batch_size: Most rows per request input.
-        max_input_bytes: Most bytes per input string (elements per row for numeric inputs).
+        max_input_bytes: Most bytes per input string (elements per row for numeric inputs);
+            None (TF Serving's behaviour) for no cap.
         workers: Threads answering requests concurrently.
         file_system_poll_wait_seconds: How often to look for new version folders, as TF
             Serving's flag; 0 turns it off.
@@ -119,7 +120,9 @@ def start_server(
         The running `DevServer`.
 
     Raises:
-        ValueError: If the config is invalid or a label points at an unavailable version.
+        ValueError: If the config is invalid, or refused as TF Serving refuses it
+            (`ConfigRefusedError`: e.g. a label without
+            `allow_version_labels_for_unavailable_models`, since nothing is loaded yet).
         RuntimeError: If a configured model has no loadable version, or the port is taken.
     """
     config_file = None
@@ -140,7 +143,10 @@ def start_server(
     if problems:
         raise RuntimeError("no version could be loaded for: " + " | ".join(problems))
 
-    max_message = max(4 << 20, max_batch_size * (max_input_bytes + 64) * 4 + (1 << 20))
+    if max_input_bytes is None:
+        max_message = (1 << 31) - 1  # TF Serving's SetMaxMessageSize (model_servers/server.cc)
+    else:
+        max_message = max(4 << 20, max_batch_size * (max_input_bytes + 64) * 4 + (1 << 20))
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="devserver"),
         # Queued requests beyond this get RESOURCE_EXHAUSTED instead of piling up in memory.

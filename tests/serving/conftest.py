@@ -48,14 +48,23 @@ def fake_export(tmp_path_factory):
     return base
 
 
+# Labels of the session server's "labelled" model: "next" names a version that is never
+# exported, which only --allow_version_labels_for_unavailable_models permits.
+LABELS = {"stable": 1, "canary": 2, "next": 3}
+
+
 @pytest.fixture(scope="session")
 def model_server(fake_export):
-    """One server for the session, serving the models of `fake_export`."""
+    """One server for the session, serving the models of `fake_export`.
+
+    Started with --allow_version_labels_for_unavailable_models, as in production: TF Serving
+    checks labels before it loads anything, so without the flag this config would not start.
+    """
     config = make_model_server_config(
         {name: fake_export / name for name in ("transformer", "labelled", "warmed")},
-        versions={"labelled": [1, 2]},
-        labels={"labelled": {"stable": 1, "canary": 2}},
+        versions={"labelled": [1, 2, 3]},
+        labels={"labelled": LABELS},
     )
-    server = start_model_server(config)
+    server = start_model_server(config, allow_version_labels_for_unavailable_models=True)
     yield server
     server.stop()

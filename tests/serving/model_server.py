@@ -69,6 +69,28 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+class ServerStartError(RuntimeError):
+    """`tensorflow_model_server` exited while starting.
+
+    Attributes:
+        code: The `grpc.StatusCode` of its "Failed to start server. Error: CODE: message" line
+            (tensorflow_serving/model_servers/main.cc, `main`), None if the log has none.
+        details: The message of that line.
+    """
+
+    def __init__(self, message: str, code: grpc.StatusCode | None, details: str):
+        super().__init__(message)
+        self.code = code
+        self.details = details
+
+
+def _start_error(log: str) -> tuple[grpc.StatusCode | None, str]:
+    match = re.search(r"Failed to start server\. Error: ([A-Z_]+): (.*)", log)
+    if match is None or match[1] not in grpc.StatusCode.__members__:
+        return None, ""
+    return grpc.StatusCode[match[1]], match[2].strip()
+
+
 class ModelServerProcess:
     """A `tensorflow_model_server` subprocess; create it with `start_model_server`.
 
@@ -111,9 +133,11 @@ def _wait_until_available(server: ModelServerProcess, names: list[str], timeout:
         pending = list(names)
         while pending:
             if server.process.poll() is not None:
-                raise RuntimeError(
+                log = server.log_tail()
+                raise ServerStartError(
                     f"tensorflow_model_server exited with code {server.process.returncode}:\n"
-                    + server.log_tail()
+                    + log,
+                    *_start_error(log),
                 )
             if time.monotonic() > deadline:
                 raise TimeoutError(
@@ -154,7 +178,9 @@ def start_model_server(
         host: Address clients use. The devserver binds only to it; TF Serving has no flag
             for the gRPC interface and listens on all of them.
         file_system_poll_wait_seconds: How often new version folders are picked up.
-        allow_version_labels_for_unavailable_models: As TF Serving's flag.
+        allow_version_labels_for_unavailable_models: As TF Serving's flag; a config with
+            `version_labels` needs it to start at all, on both servers (labels are checked
+            before anything is loaded: `ServerCore::ReloadConfig`, server_core.cc).
         timeout: Seconds to wait for `tensorflow_model_server` to load the models.
         **devserver_kwargs: Further `serving.devserver.start_server` arguments, used only by
             the devserver; not `max_batch_size`, which is the shipped batching file's.
@@ -162,6 +188,10 @@ def start_model_server(
     Returns:
         A handle with `.address`, `.kind` ("devserver" or "tensorflow_model_server") and
         `.stop()`.
+
+    Raises:
+        ServerStartError: If `tensorflow_model_server` exits while starting.
+        serving.devserver.errors.ConfigRefusedError: If the devserver refuses the config.
     """
     if prefer is None:
         prefer = os.environ.get("SERVING_TEST_SERVER", "auto")

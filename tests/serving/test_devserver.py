@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from fake_model import WARMUP_TEXTS, fake_translate
-from model_server import MAX_BATCH_SIZE, REPO, free_port
+from model_server import REPO, free_port
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from serving import devserver
@@ -89,51 +89,16 @@ def test_output_filter_is_honored(stub):
     request = make_request(text=[b"a"])
     request.output_filter.append("truncated")
     assert set(stub.Predict(request, timeout=10).outputs) == {"truncated"}
-    request.output_filter.append("nope")
-    error = rpc_error(stub.Predict, request)
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "nope" in error.details()
 
 
-@pytest.mark.parametrize(
-    "request_kwargs, details",
-    [
-        ({"model": "nope"}, "Servable not found for request: Latest(nope)"),
-        ({"version": 7}, "Servable not found for request: Specific(transformer, 7)"),
-    ],
-)
-def test_unknown_model_or_version_is_not_found(stub, request_kwargs, details):
-    error = rpc_error(stub.Predict, make_request(text=[b"a"], **request_kwargs))
-    assert error.code() == grpc.StatusCode.NOT_FOUND
-    assert details in error.details()
-
-
-def test_unknown_signature_is_failed_precondition(stub):
-    error = rpc_error(stub.Predict, make_request(signature="sampling", text=[b"a"]))
-    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert error.details() == 'Serving signature key "sampling" not found.'
-
-
-@pytest.mark.parametrize(
-    "inputs, details",
-    [
-        ({"sentence": [b"a"]}, "input tensor alias not found in signature: sentence"),
-        ({"text": np.array([1, 2], dtype=np.int32)}, "string"),
-        ({}, "input size does not match signature"),
-        ({"text": [b"a"] * (MAX_BATCH_SIZE + 1)}, str(MAX_BATCH_SIZE)),
-    ],
-    ids=["alias", "dtype", "no-inputs", "over-batch-cap"],
-)
-def test_bad_input_is_invalid_argument(stub, inputs, details):
-    error = rpc_error(stub.Predict, make_request(**inputs))
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert details in error.details()
-
-
-def test_string_length_cap_names_the_limit(stub, model_server):
-    if model_server.kind != "devserver":
-        pytest.skip("TF Serving has no per-string length cap; the devserver adds one")
-    error = rpc_error(stub.Predict, make_request(text=[b"a" * 3000]))
+def test_opt_in_string_length_cap_names_the_limit(fake_export, serve_models):
+    # TF Serving has no such cap (test_parity_table.py: over-length-string); the devserver has
+    # it only when asked, e.g. on a shared development machine.
+    config = make_model_server_config({"transformer": fake_export / "transformer"})
+    server = serve_models(config, prefer="devserver", max_input_bytes=2048)
+    with grpc.insecure_channel(server.address) as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        error = rpc_error(stub.Predict, make_request(text=[b"a" * 3000]))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "3000-byte" in error.details() and "max_input_bytes=2048" in error.details()
 
@@ -164,11 +129,6 @@ def test_version_labels_pick_versions(model_server):
     assert served_version(label="canary") == 2
     assert served_version(version=1) == 1
     assert served_version() == 2  # no pin: the latest served version
-    with grpc.insecure_channel(model_server.address) as channel:
-        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
-        error = rpc_error(stub.Predict, make_request("labelled", label="nightly", text=[b"a"]))
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "Unrecognized servable version label: nightly" in error.details()
 
 
 def test_warmup_requests_are_replayed_before_available(model_server):
@@ -239,6 +199,7 @@ def test_devserver_command_serves_the_production_config(fake_export):
             f"--model_base_path_override=transformer={fake_export / 'labelled'}",
             f"--port={port}",
             "--file_system_poll_wait_seconds=0",
+            "--allow_version_labels_for_unavailable_models",
         ],
         cwd=REPO,
         env=env,
