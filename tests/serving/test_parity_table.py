@@ -11,6 +11,7 @@ server does, not to what it did before.
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from collections.abc import Callable
 
 import grpc
@@ -331,7 +332,8 @@ def test_request_answered_as_tf_serving(model_server, row_id):
 class ConfigRow:
     """A server started on one config, then optionally reloaded with another.
 
-    Both configs serve model "labelled" (versions 1 and 2 exported) under a `specific` policy.
+    Both configs serve model "labelled" under a `specific` policy; versions 1, 2 and 3 are
+    exported, the startup config serves 1 and 2.
 
     Attributes:
         labels: `version_labels` of the startup config.
@@ -381,7 +383,8 @@ CONFIG_ROWS = {
         FAILED_PRECONDITION,
         REFUSED.format(3),
         f"{SERVER_CORE} UpdateModelVersionLabelMap: contains_existing_label_with_"
-        "different_version overrides the flag; the refused config changes no label",
+        "different_version overrides the flag; checked before version 3 (on disk) loads, and "
+        "the refused config changes nothing",
         {"stable": 1, "canary": 2},
     ),
     "move-label-to-loaded-version": ConfigRow(
@@ -455,10 +458,20 @@ def reload_status(address, config):
     return OK, ""
 
 
+@pytest.fixture(scope="module")
+def three_versions(fake_export, tmp_path_factory):
+    """labelled/1, /2 and /3: version 3 is on disk, so only the label check keeps a config
+    that adds it and labels it in one edit from being served."""
+    base = tmp_path_factory.mktemp("parity") / "labelled"
+    shutil.copytree(fake_export / "labelled", base)
+    shutil.copytree(base / "1", base / "3")
+    return base
+
+
 @pytest.mark.parametrize("row_id", list(CONFIG_ROWS))
-def test_config_handled_as_tf_serving(fake_export, row_id):
+def test_config_handled_as_tf_serving(three_versions, row_id):
     row = CONFIG_ROWS[row_id]
-    base = fake_export / "labelled"
+    base = three_versions
     server, code, details = start_status(labelled_config(base, [1, 2], row.labels), row.allow)
     try:
         if row.reload is not None:
