@@ -39,7 +39,7 @@ class Translator(tf.Module):
     - `greedy(text)` -> `translations`, `truncated`: greedy search.
     - `greedy_ids(source_ids int32 [batch, length])`, `beam_ids(source_ids)` -> `target_ids`
       int32 `[batch, target_length]`, `scores` float32 `[batch]`: the searches on ids that end
-      in eos and are padded with `pad_id`, without tokenization.
+      in eos, without tokenization; whatever follows a row's first eos counts as padding.
 
     Python list API: `translate(sentences)` and `translate_nbest(sentences)` sort the sentences
     by source length, run the signatures above on batches of `settings.batch_size` and return
@@ -196,13 +196,25 @@ class Translator(tf.Module):
         texts, _, truncated, _ = self._translate(text, 1, 1)
         return {"translations": texts[:, 0], "truncated": truncated}
 
+    def padding_after_eos(self, source_ids: tf.Tensor) -> tf.Tensor:
+        """`source_ids` with every id after each row's first eos replaced by `pad_id`.
+
+        TF Serving's batching (`pad_variable_length_inputs`) pads the rows of a shorter request
+        with that tensor's first element, a real token; this makes them padding again, so a
+        request's results do not depend on the requests it was batched with.
+        """
+        config = self.model.config
+        seen_eos = tf.cumsum(tf.cast(source_ids == config.eos_id, tf.int32), axis=1, exclusive=True)
+        return tf.where(seen_eos > 0, tf.constant(config.pad_id, tf.int32), source_ids)
+
     @tf.function(input_signature=[IDS_SPEC])
     def greedy_ids(self, source_ids):
-        target_ids, scores = self.search(source_ids, 1)
+        target_ids, scores = self.search(self.padding_after_eos(source_ids), 1)
         return {"target_ids": target_ids[:, 0], "scores": scores[:, 0]}
 
     @tf.function(input_signature=[IDS_SPEC])
     def beam_ids(self, source_ids):
+        source_ids = self.padding_after_eos(source_ids)
         target_ids, scores = self.search(source_ids, self.settings.beam_size)
         return {"target_ids": target_ids[:, 0], "scores": scores[:, 0]}
 

@@ -1,9 +1,9 @@
 """Development stand-in for TF Serving: serves a models.config over TF Serving's gRPC API.
 
-Not a production server (no server-side batching, REST or metrics); use `tensorflow_model_server`.
-Modules: `requests` (validating a PredictRequest), `servable` (one loaded version), `registry`
-(version policy, labels, loading), `services` (the gRPC servicers), `server` (lifecycle and
-polling), `cli` (`python -m serving.devserver`).
+Not a production server (no REST or metrics); use `tensorflow_model_server`.
+Modules: `requests` (validating a PredictRequest), `servable` (one loaded version), `batching`
+(`--enable_batching`), `registry` (version policy, labels, loading), `services` (the gRPC
+servicers), `server` (lifecycle and polling), `cli` (`python -m serving.devserver`).
 """
 
 from serving.devserver.cli import main

@@ -11,6 +11,7 @@ import sys
 import threading
 
 from serving import model_config as model_config_lib
+from serving.devserver.batching import BatchingParameters, read_batching_parameters
 from serving.devserver.server import start_server
 
 
@@ -27,8 +28,8 @@ def _parser() -> argparse.ArgumentParser:
         description=(
             "Development stand-in for TensorFlow Serving: serves the models of a models.config "
             "over TF Serving's gRPC API (PredictionService.Predict/GetModelMetadata, "
-            "ModelService.GetModelStatus), with the same version policies, labels, warmup and "
-            "status codes. NOT a production server: no server-side batching, REST API or "
+            "ModelService.GetModelStatus), with the same version policies, labels, warmup, "
+            "server-side batching and status codes. NOT a production server: no REST API or "
             "metrics. In production run tensorflow_model_server (serving/OPERATIONS.md)."
         ),
     )
@@ -56,7 +57,22 @@ def _parser() -> argparse.ArgumentParser:
         help="most bytes per input string (elements per row for numeric inputs); no cap by "
         "default, like TF Serving (the export truncates long inputs itself)",
     )
-    parser.add_argument("--workers", type=int, default=4, help="threads answering requests")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="threads answering requests (default 4; with --enable_batching twice the batching "
+        "max_batch_size, at most 256, since only requests holding a thread can join a batch)",
+    )
+    parser.add_argument(
+        "--enable_batching",
+        action="store_true",
+        help="as TF Serving's flag: merge concurrent requests to a signature into one call",
+    )
+    parser.add_argument(
+        "--batching_parameters_file",
+        help="text-format BatchingParameters (e.g. serving/batching_parameters.txt); needs "
+        "--enable_batching; TF Serving's defaults without it",
+    )
     parser.add_argument("--file_system_poll_wait_seconds", type=float, default=1.0)
     parser.add_argument("--model_config_file_poll_wait_seconds", type=float, default=0.0)
     parser.add_argument(
@@ -74,6 +90,34 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
+    # As tensorflow_serving/model_servers/server.cc (Server::BuildAndStart).
+    batching_parameters = None
+    if args.enable_batching:
+        try:
+            batching_parameters = (
+                read_batching_parameters(args.batching_parameters_file)
+                if args.batching_parameters_file
+                else BatchingParameters(thread_pool_name="model_server_batch_threads")
+            )
+        except (OSError, ValueError) as error:
+            print(f"error: --batching_parameters_file: {error}", file=sys.stderr, flush=True)
+            return 1
+    elif args.batching_parameters_file:
+        print(
+            "error: server_options.batching_parameters_file is set without setting "
+            "server_options.enable_batching to true.",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 1
+    workers = args.workers
+    if workers is None:
+        # session_bundle_config.proto: "use 'max_batch_size * 2' client threads" (capped: a
+        # waiting request costs a thread here).
+        workers = (
+            4 if batching_parameters is None else min(256, 2 * batching_parameters.max_batch_size)
+        )
+
     if args.model_config_file:
         model_config = args.model_config_file
     else:
@@ -89,12 +133,13 @@ def main(argv: list[str] | None = None) -> int:
             base_path_overrides=dict(args.model_base_path_override),
             max_batch_size=args.max_batch_size,
             max_input_bytes=args.max_input_bytes,
-            workers=args.workers,
+            workers=workers,
             file_system_poll_wait_seconds=args.file_system_poll_wait_seconds,
             model_config_file_poll_wait_seconds=args.model_config_file_poll_wait_seconds,
             allow_version_labels_for_unavailable_models=(
                 args.allow_version_labels_for_unavailable_models
             ),
+            batching_parameters=batching_parameters,
         )
     except (OSError, ValueError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)

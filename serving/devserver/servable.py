@@ -4,9 +4,11 @@ replay of its warmup requests.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import grpc
+import numpy as np
 import tensorflow as tf
 
 # tensorflow_model_server links the tensorflow-text ops; registering them here lets the
@@ -15,6 +17,7 @@ import tensorflow_text  # noqa: F401
 from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
+from serving.devserver.batching import BatchScheduler
 from serving.devserver.errors import ServingError, error_from_op_error
 from serving.devserver.requests import (
     DEFAULT_SIGNATURE,
@@ -27,6 +30,18 @@ WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
 # TF Serving refuses warmup files with more records than this (`WarmupConsts::kMaxNumRecords`,
 # tensorflow_serving/servables/tensorflow/saved_model_warmup_util.cc).
 MAX_WARMUP_RECORDS = 1000
+
+
+def _run_signature(function, inputs: dict) -> dict[str, np.ndarray]:
+    """Calls a signature function; alias to numpy array, TensorFlow errors as ServingError."""
+    specs = function.structured_input_signature[1]
+    try:
+        results = function(
+            **{alias: tf.constant(v, specs[alias].dtype) for alias, v in inputs.items()}
+        )
+    except tf.errors.OpError as error:
+        raise error_from_op_error(error) from None
+    return {alias: value.numpy() for alias, value in results.items()}
 
 
 class Servable:
@@ -51,9 +66,21 @@ class Servable:
         self.signature_defs = saved_model.meta_graphs[0].signature_def
 
     def predict(
-        self, request: predict_pb2.PredictRequest, limits: Limits
+        self,
+        request: predict_pb2.PredictRequest,
+        limits: Limits,
+        batching: BatchScheduler | None = None,
+        timeout: float | None = None,
     ) -> predict_pb2.PredictResponse:
         """Runs one PredictRequest against this version, validating it as TF Serving does.
+
+        Args:
+            request: The request.
+            limits: The devserver's per-request caps.
+            batching: With `--enable_batching`, the scheduler that merges concurrent requests
+                to the same signature; None runs the request on its own.
+            timeout: Seconds left before the client's deadline (None: no deadline); with
+                batching, a request still queued after it is not run, as in TF Serving.
 
         Raises:
             ServingError: With the status code TF Serving would answer with.
@@ -69,16 +96,26 @@ class Servable:
         outputs = check_output_filter(
             request.output_filter, self.signature_defs[signature_name].outputs
         )
-        try:
-            results = function(**inputs)
-        except tf.errors.OpError as error:
-            raise error_from_op_error(error) from None
+        if batching is None:
+            results = _run_signature(function, inputs)
+        else:
+            # TF Serving batches every signature of a version, each output set in a queue of its
+            # own (saved_model_bundle_factory.cc, batching_session.cc).
+            queue = batching.queue(
+                self,
+                (signature_name, tuple(outputs)),
+                functools.partial(_run_signature, function),
+                tuple(outputs),
+                f"{self.name}/{self.version}/{signature_name}",
+            )
+            arrays = {alias: tensor.numpy() for alias, tensor in inputs.items()}
+            results = queue.run(arrays, timeout)
         response = predict_pb2.PredictResponse()
         response.model_spec.name = self.name
         response.model_spec.version.value = self.version
         response.model_spec.signature_name = signature_name
         for alias in outputs:
-            response.outputs[alias].CopyFrom(tf.make_tensor_proto(results[alias].numpy()))
+            response.outputs[alias].CopyFrom(tf.make_tensor_proto(results[alias]))
         return response
 
     def replay_warmup(self, limits: Limits) -> int:

@@ -16,6 +16,7 @@ from concurrent import futures
 import grpc
 
 from serving import model_config as model_config_lib
+from serving.devserver.batching import BatchingParameters, BatchScheduler
 from serving.devserver.registry import ModelRegistry
 from serving.devserver.requests import Limits
 from serving.devserver.services import ServingServicer
@@ -40,9 +41,19 @@ class DevServer(contextlib.AbstractContextManager):
 
     kind = "devserver"
 
-    def __init__(self, registry, server, address, poll_seconds, config_file, config_poll_seconds):
+    def __init__(
+        self,
+        registry,
+        server,
+        address,
+        poll_seconds,
+        config_file,
+        config_poll_seconds,
+        batching=None,
+    ):
         self.registry = registry
         self.address = address
+        self.batching = batching
         self._server = server
         self._stop = threading.Event()
         self._poller = None
@@ -76,6 +87,8 @@ class DevServer(contextlib.AbstractContextManager):
         """Stops serving; in-flight requests get `grace` seconds to finish."""
         self._stop.set()
         self._server.stop(grace).wait()
+        if self.batching is not None:
+            self.batching.stop()
         if self._poller is not None:
             self._poller.join()
 
@@ -98,6 +111,7 @@ def start_server(
     file_system_poll_wait_seconds: float = 1.0,
     model_config_file_poll_wait_seconds: float = 0.0,
     allow_version_labels_for_unavailable_models: bool = False,
+    batching_parameters: BatchingParameters | None = None,
 ) -> DevServer:
     """Loads the configured models, then starts serving them over gRPC.
 
@@ -115,6 +129,10 @@ def start_server(
         model_config_file_poll_wait_seconds: How often to re-read `model_config` when it is a
             file (picks up label changes), as TF Serving's flag; 0 turns it off.
         allow_version_labels_for_unavailable_models: As TF Serving's flag.
+        batching_parameters: Batch concurrent requests to a signature, as TF Serving's
+            `--enable_batching` with these parameters; None runs each request on its own.
+            Only requests that hold one of the `workers` threads can join a batch, so give at
+            least as many workers as requests should be merged.
 
     Returns:
         The running `DevServer`.
@@ -158,7 +176,8 @@ def start_server(
             ("grpc.so_reuseport", 0),
         ],
     )
-    ServingServicer(registry).add_to_server(server)
+    batching = None if batching_parameters is None else BatchScheduler(batching_parameters)
+    ServingServicer(registry, batching).add_to_server(server)
     address = format_address(host, port)
     try:
         bound = server.add_insecure_port(address)
@@ -176,4 +195,5 @@ def start_server(
         file_system_poll_wait_seconds,
         config_file,
         model_config_file_poll_wait_seconds,
+        batching,
     )

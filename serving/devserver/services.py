@@ -48,10 +48,12 @@ class ServingServicer(
 
     Args:
         registry: The loaded models.
+        batching: With `--enable_batching`, the `batching.BatchScheduler` Predict goes through.
     """
 
-    def __init__(self, registry: ModelRegistry):
+    def __init__(self, registry: ModelRegistry, batching=None):
         self._registry = registry
+        self._batching = batching
 
     def add_to_server(self, server: grpc.Server) -> None:
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(self, server)
@@ -68,7 +70,9 @@ class ServingServicer(
     def Predict(self, request, context):
         self._require_model_spec(request)
         servable = self._registry.resolve(request.model_spec)
-        return servable.predict(request, self._registry.limits)
+        return servable.predict(
+            request, self._registry.limits, self._batching, context.time_remaining()
+        )
 
     @_serving_call
     def GetModelMetadata(self, request, context):
