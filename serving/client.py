@@ -1,11 +1,12 @@
 """gRPC client for the exported translator on TF Serving (or the devserver): library and command.
 
-python -m serving.client --server localhost:8500 --model transformer "ein Satz" < more.txt
+python -m serving.client --server localhost:8500 --label stable --wait 60 "ein Satz" < more.txt
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -58,6 +59,19 @@ class DeadlineExceededError(TranslationClientError):
     """The server did not answer within the deadline (DEADLINE_EXCEEDED)."""
 
 
+def backoff_delay(
+    attempt: int, backoff: float, max_backoff: float, rng: random.Random | None = None
+) -> float:
+    """Seconds to sleep before retry number `attempt` (0 for the first retry).
+
+    Exponential with jitter: a random point in [cap / 2, cap], where cap is
+    `min(max_backoff, backoff * 2**attempt)`. Without jitter, clients that failed together (a
+    server restart) would all come back at the same instants and fail together again.
+    """
+    cap = min(max_backoff, backoff * 2**attempt)
+    return (rng or random).uniform(cap / 2, cap)
+
+
 class TranslationClient:
     """Talks to TF Serving's PredictionService and ModelService for one model.
 
@@ -65,7 +79,7 @@ class TranslationClient:
         server: "host:port" of the gRPC endpoint.
         model: Model name from the server's models.config.
         signature: Signature used by `translate` and by default by `predict`.
-        version: Pin a version number; None lets the server pick (the latest it serves).
+        version: Pin a model version number; None lets the server pick (the latest it serves).
         label: Pin a version label such as "stable" or "canary"; excludes `version`.
         timeout: Deadline in seconds for each RPC.
         max_batch_size: Most lines sent in one request by `translate`; keep it at or under the
@@ -73,7 +87,13 @@ class TranslationClient:
         retries: How many times to retry an RPC that failed with UNAVAILABLE. Requests are
             side-effect free, so retrying is safe; DEADLINE_EXCEEDED is not retried because the
             server may still be working on the request.
-        backoff: Seconds before the first retry; doubled for each further retry.
+        backoff: Upper bound in seconds of the first retry's delay; doubled for each further
+            retry, up to `max_backoff`, with jitter (see `backoff_delay`).
+        max_backoff: Longest delay between two attempts.
+        tls: Connect over TLS (TF Serving's `--ssl_config_file`, or a TLS proxy in front of it).
+        ca_file: PEM file of the certificate authority to trust (e.g. a self-signed server
+            certificate); None trusts the system's roots. Only with `tls`.
+        seed: Seeds the jitter, for reproducible delays in tests; None for a random seed.
 
     Example:
         >>> with TranslationClient("localhost:8500", label="stable") as client:
@@ -91,6 +111,10 @@ class TranslationClient:
         max_batch_size: int = 64,
         retries: int = 3,
         backoff: float = 0.5,
+        max_backoff: float = 10.0,
+        tls: bool = False,
+        ca_file: str | None = None,
+        seed: int | None = None,
     ):
         if version is not None and label is not None:
             raise ValueError(f"give a version or a label, not both: version={version}, {label=}")
@@ -98,6 +122,12 @@ class TranslationClient:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         if retries < 0:
             raise ValueError(f"retries must be 0 or more, got {retries}")
+        if backoff <= 0 or max_backoff < backoff:
+            raise ValueError(
+                f"need 0 < backoff <= max_backoff, got backoff={backoff}, {max_backoff=}"
+            )
+        if ca_file is not None and not tls:
+            raise ValueError(f"ca_file={ca_file!r} is given but tls is off; pass tls=True")
         self.server = server
         self.model = model
         self.signature = signature
@@ -107,16 +137,28 @@ class TranslationClient:
         self.max_batch_size = max_batch_size
         self.retries = retries
         self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.tls = tls
+        self._rng = random.Random(seed)
         # gRPC waits 1 s or more before reconnecting to a server that refused a connection, and
         # RPCs fail at once meanwhile; matching it to our backoff makes the retries count.
         reconnect_ms = max(100, int(backoff * 1000))
-        self._channel = grpc.insecure_channel(
-            server,
-            options=[
-                ("grpc.initial_reconnect_backoff_ms", reconnect_ms),
-                ("grpc.min_reconnect_backoff_ms", reconnect_ms),
-            ],
-        )
+        options = [
+            ("grpc.initial_reconnect_backoff_ms", reconnect_ms),
+            ("grpc.min_reconnect_backoff_ms", reconnect_ms),
+        ]
+        if tls:
+            root_certificates = None
+            if ca_file is not None:
+                try:
+                    with open(ca_file, "rb") as file:
+                        root_certificates = file.read()
+                except OSError as error:
+                    raise ValueError(f"cannot read ca_file {ca_file!r}: {error}") from None
+            credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+            self._channel = grpc.secure_channel(server, credentials, options=options)
+        else:
+            self._channel = grpc.insecure_channel(server, options=options)
         self._predictions = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
         self._models = model_service_pb2_grpc.ModelServiceStub(self._channel)
 
@@ -146,19 +188,66 @@ class TranslationClient:
             text += f" label {self.label!r}"
         if signature is not None:
             text += f" signature {signature!r}"
-        return f"{text} on {self.server}"
+        return f"{text} on {self.server}" + (" (TLS)" if self.tls else "")
 
-    def _call(self, method, request, what: str):
-        for attempt in range(self.retries + 1):
+    def retry_delay(self, attempt: int) -> float:
+        """The jittered delay before retry `attempt` (0 for the first); see `backoff_delay`."""
+        return backoff_delay(attempt, self.backoff, self.max_backoff, self._rng)
+
+    def _call(self, method, request, what: str, retries: int | None = None):
+        retries = self.retries if retries is None else retries
+        for attempt in range(retries + 1):
             try:
                 return method(request, timeout=self.timeout)
             except grpc.RpcError as error:
                 code, details = error.code(), error.details() or ""
-                if code == grpc.StatusCode.UNAVAILABLE and attempt < self.retries:
-                    time.sleep(self.backoff * 2**attempt)
+                if code == grpc.StatusCode.UNAVAILABLE and attempt < retries:
+                    time.sleep(self.retry_delay(attempt))
                     continue
-                raise _error_for(code, details, what, self.retries) from None
+                raise _error_for(code, details, what, retries) from None
         raise AssertionError("unreachable")
+
+    def wait_until_available(self, timeout: float) -> list[dict[str, object]]:
+        """Waits until the server answers and reports the model AVAILABLE.
+
+        Polls `GetModelStatus` (with jittered backoff) while the server is unreachable, the
+        model unknown (not loaded yet) or no version AVAILABLE; with a pinned version, until
+        that version is AVAILABLE. TF Serving's `GetModelStatus` ignores labels, so with a
+        label this waits for any version. Lets a client start together with the server.
+
+        Args:
+            timeout: Most seconds to wait.
+
+        Returns:
+            The model's status (see `status`) once available.
+
+        Raises:
+            ServerUnavailableError: If the model is not available within `timeout`, with the
+                last answer seen.
+            TranslationClientError: For any other failure (e.g. INVALID_ARGUMENT).
+        """
+        deadline = time.monotonic() + timeout
+        attempt = 0
+        while True:
+            try:
+                versions = self.status(retries=0)
+                ready = [v for v in versions if v["state"] == "AVAILABLE"]
+                if self.version is not None:
+                    ready = [v for v in ready if v["version"] == self.version]
+                if ready:
+                    return versions
+                last = f"versions {[(v['version'], v['state']) for v in versions]}"
+            except (ServerUnavailableError, ModelNotFoundError) as error:
+                last = str(error)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ServerUnavailableError(
+                    f"{self._describe()}: not AVAILABLE after waiting {timeout:g} s; last: {last}",
+                    grpc.StatusCode.UNAVAILABLE,
+                    last,
+                )
+            time.sleep(min(remaining, self.retry_delay(attempt)))
+            attempt += 1
 
     def predict_response(
         self,
@@ -261,16 +350,22 @@ class TranslationClient:
             }
         return result
 
-    def status(self) -> list[dict[str, object]]:
-        """Lists the model's versions as the server reports them.
+    def status(self, retries: int | None = None) -> list[dict[str, object]]:
+        """Lists the model's versions as the server reports them, newest first.
+
+        Args:
+            retries: Retries on UNAVAILABLE; the client's `retries` when None.
 
         Returns:
             One dict per version: {"version": int, "state": "AVAILABLE" (or "LOADING", "END",
-            ...), "error_code": int, "error_message": str}.
+            ...), "error_code": int, "error_message": str}. A pinned label does not filter
+            them: TF Serving's GetModelStatus ignores labels.
         """
         request = get_model_status_pb2.GetModelStatusRequest()
         self._model_spec(request.model_spec)
-        response = self._call(self._models.GetModelStatus, request, self._describe())
+        response = self._call(
+            self._models.GetModelStatus, request, self._describe(), retries=retries
+        )
         return [
             {
                 "version": entry.version,
@@ -320,12 +415,28 @@ def main(argv: list[str] | None = None) -> int:
         "--signature", default="serving_default", help="serving_default, greedy or beam"
     )
     pin = parser.add_mutually_exclusive_group()
-    pin.add_argument("--version", type=int, help="model version to use")
+    pin.add_argument("--model-version", type=int, metavar="N", help="model version number to use")
     pin.add_argument("--label", help="version label to use, e.g. stable or canary")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
     parser.add_argument("--batch-size", type=int, default=64, help="lines per request")
     parser.add_argument("--retries", type=int, default=3, help="retries when unavailable")
+    parser.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="first wait up to SECONDS for the server to report the model AVAILABLE "
+        "(start the client together with the server)",
+    )
+    parser.add_argument("--tls", action="store_true", help="connect over TLS")
+    parser.add_argument(
+        "--ca-file", metavar="PEM", help="with --tls: CA certificate to trust (default: system)"
+    )
     args = parser.parse_args(argv)
+    if args.ca_file and not args.tls:
+        parser.error("--ca-file needs --tls")
+    if args.wait < 0:
+        parser.error(f"--wait must be 0 or more seconds, got {args.wait}")
 
     lines = args.text or [line.rstrip("\r\n") for line in sys.stdin]
     try:
@@ -333,12 +444,16 @@ def main(argv: list[str] | None = None) -> int:
             args.server,
             args.model,
             args.signature,
-            version=args.version,
+            version=args.model_version,
             label=args.label,
             timeout=args.timeout,
             max_batch_size=args.batch_size,
             retries=args.retries,
+            tls=args.tls,
+            ca_file=args.ca_file,
         ) as client:
+            if args.wait > 0:
+                client.wait_until_available(args.wait)
             translations = client.translate(lines)
     except (TranslationClientError, ValueError) as error:
         print(f"error: {error}".replace("\n", " "), file=sys.stderr, flush=True)
