@@ -32,13 +32,15 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from quiet_logs import add_verbose_argument, quiet_tensorflow  # noqa: E402
+
+quiet_tensorflow()
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from keras_transformer import TransformerConfig, build_transformer  # noqa: E402
 from keras_transformer.decoding import uncached_greedy_search  # noqa: E402
@@ -153,6 +155,7 @@ def main(argv=None):
     parser.add_argument("--decoders", nargs="*", help="subset of decoder names to run")
     parser.add_argument("--saved-model", help="also measure this export (see exported_decoders)")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    add_verbose_argument(parser)
     args = parser.parse_args(argv)
 
     keras.utils.set_random_seed(0)

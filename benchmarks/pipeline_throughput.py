@@ -19,6 +19,10 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # Run from a checkout: `training` is not installed.
 
+from quiet_logs import add_verbose_argument, quiet_tensorflow  # noqa: E402
+
+quiet_tensorflow()
+
 import tensorflow as tf  # noqa: E402
 
 from keras_transformer.translation.tokenizer import SubwordTokenizer  # noqa: E402
@@ -105,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--output", type=Path, help="write the results as JSON here")
+    add_verbose_argument(parser)
     args = parser.parse_args(argv)
     load_at_start = round(os.getloadavg()[0], 2)  # The machine is shared; numbers move with load.
 

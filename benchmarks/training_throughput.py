@@ -24,12 +24,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "training_throughput.json"
+sys.path.insert(0, str(ROOT))
+
+from quiet_logs import add_verbose_argument, quiet_tensorflow  # noqa: E402
 
 
 def run_case(preset, policy, batch_size, length, steps, epochs):
     """Trains `epochs` x `steps`; returns tokens/s of the epochs after the first."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    sys.path.insert(0, str(ROOT))
+    quiet_tensorflow()
     import keras
     import numpy as np
     import tensorflow as tf
@@ -91,6 +93,7 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=4, help="the first is warm-up")
     parser.add_argument("--output", default=str(RESULTS))
     parser.add_argument("--case", help=argparse.SUPPRESS)
+    add_verbose_argument(parser)
     args = parser.parse_args(argv)
     if args.case:
         preset, policy = args.case.split(":")

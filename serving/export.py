@@ -24,6 +24,7 @@ from pathlib import Path
 import tensorflow as tf
 
 from keras_transformer.translation import model_dir as layout
+from quiet_logs import add_verbose_argument
 from serving.graph_ops import disallowed_ops
 
 WARMUP_SENTENCES = (
@@ -123,6 +124,7 @@ def main(argv=None) -> int:
         type=int,
         help="benchmarking only: ignore end of sentence and emit exactly N tokens",
     )
+    add_verbose_argument(parser)
     args = parser.parse_args(argv)
     try:
         path = export(

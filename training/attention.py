@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from keras_transformer.translation import model_dir as layout
+from quiet_logs import add_verbose_argument
 
 # (key in `Transformer.attention_weights`, file prefix, title, which pieces label rows/columns)
 KINDS = (
@@ -137,6 +138,7 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", default="auto", help="auto|averaged|best|final|last|PATH")
     parser.add_argument("--reference", help="target text (default: the model's translation)")
     parser.add_argument("--output-dir", help="default: MODEL_DIR/attention")
+    add_verbose_argument(parser)
     args = parser.parse_args(argv)
     try:
         translator, _ = layout.load_translator(args.model_dir, args.checkpoint)

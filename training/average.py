@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from keras_transformer.translation import model_dir as layout
+from quiet_logs import add_verbose_argument
 
 
 def select_checkpoints(model_dir, last=None, best=None) -> list[Path]:
@@ -67,6 +68,7 @@ def main(argv=None) -> int:
     group.add_argument("--last", type=int, help="average the last N step checkpoints (5)")
     group.add_argument("--best", type=int, help="average the N checkpoints with best dev BLEU")
     parser.add_argument("--output", help="weights file (default: MODEL_DIR/averaged.weights.h5)")
+    add_verbose_argument(parser)
     args = parser.parse_args(argv)
     try:
         paths = select_checkpoints(args.model_dir, args.last, args.best)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from keras_transformer.translation import model_dir as layout
+from quiet_logs import add_verbose_argument
 
 PANELS = (
     ("loss", "training loss"),
@@ -109,6 +110,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.curves", description=__doc__)
     parser.add_argument("--model-dir", required=True)
     parser.add_argument("--output-dir", help="default: MODEL_DIR/curves")
+    add_verbose_argument(parser)
     args = parser.parse_args(argv)
     try:
         written = write_curves(args.model_dir, args.output_dir)

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from quiet_logs import add_verbose_argument
 from training.corpus import CorpusError
 
 SAVED_MODEL_SIGNATURES = ("serving_default", "beam", "greedy")
@@ -153,6 +154,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, help="sentences per batch (default: the run's)")
     parser.add_argument("--limit", type=int, help="only the first N segments")
     parser.add_argument("--output", help="hypotheses file")
+    add_verbose_argument(parser)
     args = parser.parse_args(argv)
     try:
         result = evaluate(

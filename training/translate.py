@@ -14,6 +14,7 @@ import json
 import sys
 
 from keras_transformer.translation import model_dir as layout
+from quiet_logs import add_verbose_argument
 
 
 def translate_lines(translator, sentences, nbest=None, output_ids=False) -> list[str]:
@@ -43,6 +44,7 @@ def main(argv=None) -> int:
     parser.add_argument("--alpha", type=float, help="length penalty (default: the run's)")
     parser.add_argument("--nbest", type=int, help="print the K best hypotheses with scores")
     parser.add_argument("--output-ids", action="store_true", help="print target ids too")
+    add_verbose_argument(parser)
     args = parser.parse_args(argv)
     sentences = args.sentences or [line.rstrip("\n") for line in sys.stdin]
     try:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from keras_transformer.config import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+from quiet_logs import add_verbose_argument
 from training.corpus import ParallelCorpus, load_corpus
 
 MODEL_TYPES = ("unigram", "bpe")
@@ -129,6 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="allow fewer pieces than --vocab-size (tiny corpora)",
     )
+    add_verbose_argument(parser)
     args = parser.parse_args(argv)
 
     corpus = load_corpus(args.corpus, args.source_lang, args.target_lang)
