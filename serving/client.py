@@ -22,6 +22,8 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
+from quiet_logs import add_verbose_argument
+
 _STATES = get_model_status_pb2.ModelVersionStatus.State
 
 
@@ -432,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--ca-file", metavar="PEM", help="with --tls: CA certificate to trust (default: system)"
     )
+    add_verbose_argument(parser)
     args = parser.parse_args(argv)
     if args.ca_file and not args.tls:
         parser.error("--ca-file needs --tls")

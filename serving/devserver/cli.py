@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 
+from quiet_logs import add_verbose_argument
 from serving import model_config as model_config_lib
 from serving.devserver.batching import BatchingParameters, read_batching_parameters
 from serving.devserver.server import start_server
@@ -82,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
         "at startup (labels are checked before anything loads); moving an existing label to "
         "a version that is not loaded is refused even with it",
     )
+    add_verbose_argument(parser)
     return parser
 
 
