@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from keras_transformer.translation import model_dir as layout
+from quiet_logs import add_verbose_argument
 from training.corpus import CorpusError
 from training.run_config import ConfigError, RunConfig, dump_run_config, load_run_config
 
@@ -228,6 +229,7 @@ def train(run_config: RunConfig) -> dict:
             epochs=math.ceil(opts.max_steps / opts.steps_per_epoch),
             steps_per_epoch=opts.steps_per_epoch * batches_per_step,
             callbacks=list(callbacks.values()),
+            shuffle=False,  # The dataset shuffles itself; True only makes Keras warn.
             verbose=0,
         )
     except cb.RunComplete as complete:
@@ -281,6 +283,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override"
     )
+    add_verbose_argument(parser)
     args = parser.parse_args(argv)
     try:
         run_config = load_run_config(args.config, args.set)
