@@ -10,7 +10,7 @@ MAX_MINUTES=${MAX_MINUTES:-60}
 MODEL_DIR=${MODEL_DIR:-runs/$(basename "$CONFIG" .yaml)}
 PORT=${PORT:-8500}
 EXPORT_BASE=${EXPORT_BASE:-exports}
-export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
+# The commands hide TensorFlow's native logging themselves; KT_VERBOSE=1 shows it (README).
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q -e '.[train,serve]'
