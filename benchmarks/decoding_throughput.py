@@ -6,7 +6,7 @@ once and warmed up before timing. The outputs have a fixed length (`ignore_eos=T
 engine and every decoder produces the same number of tokens. Random weights are fine for
 throughput: with a forced length the work does not depend on them.
 
-    TF_CPP_MIN_LOG_LEVEL=2 .venv/bin/python benchmarks/decoding_throughput.py
+    .venv/bin/python benchmarks/decoding_throughput.py
 
 writes `benchmarks/results/decoding_throughput.json` and prints a markdown table. With
 `--saved-model DIR` it also times the export's `greedy_ids`/`beam_ids` signatures (the graph TF

@@ -5,7 +5,7 @@ accuracy and token-count metrics) and runs `model.fit` on fixed-shape batches of
 (default 64 sentences x 24 tokens on both sides, no padding), so the numbers compare with a plain
 Keras model of the same shapes. The first epoch (tracing, warm-up) is not timed.
 
-    TF_CPP_MIN_LOG_LEVEL=2 .venv/bin/python benchmarks/training_throughput.py
+    .venv/bin/python benchmarks/training_throughput.py
 
 writes `benchmarks/results/training_throughput.json` and prints a markdown table. Each case
 runs in its own process, since the mixed-precision policy is global.
