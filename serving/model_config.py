@@ -1,11 +1,17 @@
 """Read TF Serving's models.config and decide which version folders it serves.
 
 The devserver uses this so that it serves exactly the versions `tensorflow_model_server` would.
+As a command, it writes a copy of a config with other base paths, so that one config serves
+container paths (/models/...) in docker-compose and local folders elsewhere:
+
+python -m serving.model_config serving/models.config --base-path transformer=DIR --output FILE
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import sys
 from collections.abc import Iterable, Mapping
 
 from google.protobuf import text_format
@@ -168,3 +174,40 @@ def select_versions(model: ModelConfig, available: Iterable[int]) -> list[int]:
         return [version for version in available if version in wanted]
     num_versions = model.model_version_policy.latest.num_versions or 1
     return available[-num_versions:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Writes CONFIG with some base paths replaced to --output; returns the exit status."""
+    parser = argparse.ArgumentParser(
+        prog="python -m serving.model_config",
+        description="Copy a models.config with other (absolute) base paths, e.g. the shipped "
+        "config (container paths) pointed at a local export folder.",
+    )
+    parser.add_argument("config", help="models.config to copy")
+    parser.add_argument(
+        "--base-path",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        required=True,
+        help="serve model NAME from DIR (made absolute); repeatable",
+    )
+    parser.add_argument("--output", required=True, help="file to write")
+    args = parser.parse_args(argv)
+    overrides = {}
+    for text in args.base_path:
+        name, sep, path = text.partition("=")
+        if not sep or not name or not path:
+            parser.error(f"--base-path: expected NAME=DIR, got {text!r}")
+        overrides[name] = path
+    try:
+        config = apply_base_path_overrides(read_model_server_config(args.config), overrides)
+        write_model_server_config(config, args.output)
+    except (OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

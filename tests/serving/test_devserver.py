@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 import time
 from concurrent import futures
 
@@ -14,7 +12,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from fake_model import WARMUP_TEXTS, fake_translate
-from model_server import REPO, free_port
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from serving import devserver
@@ -22,7 +19,6 @@ from serving.client import ModelNotFoundError, TranslationClient
 from serving.model_config import (
     make_model_server_config,
     parse_model_server_config,
-    read_model_server_config,
     select_versions,
 )
 
@@ -171,60 +167,6 @@ def test_status_of_unknown_model_is_not_found(model_server):
     with pytest.raises(ModelNotFoundError, match="Could not find any versions of model nope"):
         client.status()
     client.close()
-
-
-def test_production_config_parses_and_labels_its_versions():
-    config = read_model_server_config(os.path.join(REPO, "serving", "models.config"))
-    (model,) = config.model_config_list.config
-    assert (model.name, model.base_path) == ("transformer", "/models/transformer")
-    served = select_versions(model, range(1, 10))
-    assert set(model.version_labels) == {"stable", "canary"}
-    assert set(model.version_labels.values()) <= set(served)
-
-
-def test_devserver_command_serves_the_production_config(fake_export):
-    """Starts `python -m serving.devserver` and `python -m serving.client` at the same time.
-
-    The client connects while the server is still loading, which exercises its retries on
-    UNAVAILABLE; importing TensorFlow in both processes in parallel keeps the test short.
-    """
-    port = free_port()
-    env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2")
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "serving.devserver",
-            "--model_config_file=serving/models.config",
-            f"--model_base_path_override=transformer={fake_export / 'labelled'}",
-            f"--port={port}",
-            "--file_system_poll_wait_seconds=0",
-            "--allow_version_labels_for_unavailable_models",
-        ],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        client = subprocess.Popen(
-            [sys.executable, "-m", "serving.client", "--server", f"127.0.0.1:{port}"]
-            + ["--label", "canary", "--retries", "8"],
-            cwd=REPO,
-            env=env,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        stdout, stderr = client.communicate("ein kleiner Test\n\nzwei Wörter\n", timeout=120)
-        assert server.stdout.readline() == f"devserver listening on 127.0.0.1:{port}\n"
-        assert client.returncode == 0, stderr[-2000:]
-        assert stdout.splitlines() == ["TEST KLEINER EIN", "", "WÖRTER ZWEI"]
-    finally:
-        server.terminate()
-        server.wait(30)
 
 
 @pytest.mark.parametrize(
