@@ -201,6 +201,25 @@ def test_verbose_leaves_the_import_alone(fake_tensorflow):
         assert "absl::InitializeLog" in run.stderr
 
 
+def test_the_verbose_argument_undoes_the_quiet_import(fake_tensorflow):
+    """`main(["--verbose"])` called in-process, after the package quieted the import."""
+    run = _run_snippet(
+        """
+        import argparse
+        import quiet_logs
+        quiet_logs.quiet_tensorflow([])
+        parser = argparse.ArgumentParser()
+        quiet_logs.add_verbose_argument(parser)
+        print(parser.parse_args(["--verbose"]).verbose, parser.parse_args([]).verbose)
+        import tensorflow
+        print(tensorflow.LEVEL)
+        """,
+        fake_tensorflow,
+    )
+    assert run.stdout.split() == ["True", "False", "None"], run
+    assert "cudart_stub.cc:31] no cuda" in run.stderr
+
+
 def test_a_bad_kt_verbose_value_is_named(fake_tensorflow):
     run = _run_snippet(
         "import quiet_logs; quiet_logs.quiet_tensorflow([])", fake_tensorflow, KT_VERBOSE="maybe"
