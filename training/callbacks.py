@@ -10,6 +10,7 @@ import keras
 import numpy as np
 
 from keras_transformer.translation import model_dir as layout
+from training import distributed
 
 
 def _positive_steps(name, value):
@@ -44,17 +45,44 @@ class UpdateCallback(keras.callbacks.Callback):
         return step
 
 
+class Backup(keras.callbacks.BackupAndRestore):
+    """`BackupAndRestore` (double checkpoint, kept after training) where only the process with
+    `writes` keeps what it saves; every process restores. In a multi-process run all processes
+    hold the same state, and writing it from each would race on one shared file."""
+
+    def __init__(self, backup_dir, save_freq, writes=True):
+        super().__init__(
+            backup_dir, save_freq=save_freq, double_checkpoint=True, delete_checkpoint=False
+        )
+        self.writes = writes
+
+    def _save_model(self):
+        if self.writes:
+            with distributed.local_variables():
+                super()._save_model()
+        else:
+            distributed.save_weights(self.model, self._weights_path, writes=False)
+
+
 class ProgressLogger(UpdateCallback):
     """Prints step, loss, accuracy, learning rate, target tokens/s and ETA every N steps.
 
     Reads the `target_tokens` metric, a running count within each Keras epoch. With
     `progress_path`, each line is also appended there as JSON (what `training.curves` plots).
+    Without `writes` (processes other than 0) it computes the same and prints nothing.
     """
 
     def __init__(
-        self, every_steps, max_steps, max_seconds=None, elapsed_before=0.0, progress_path=None
+        self,
+        every_steps,
+        max_steps,
+        max_seconds=None,
+        elapsed_before=0.0,
+        progress_path=None,
+        writes=True,
     ):
         super().__init__()
+        self.writes = writes
         self.every_steps = _positive_steps("every_steps", every_steps)
         self.max_steps = int(max_steps)
         self.max_seconds = max_seconds
@@ -95,6 +123,9 @@ class ProgressLogger(UpdateCallback):
             "target_tokens_per_second": rate,
             "elapsed_seconds": elapsed,
         }
+        if not self.writes:
+            self.window_start, self.window_tokens = now, 0.0
+            return
         print(
             f"step {step:>7d}/{self.max_steps} | loss {entry['loss']:.4f}"
             f" | acc {entry['token_accuracy']:.4f}"
@@ -119,8 +150,9 @@ class StepCheckpoints(UpdateCallback):
     These are what `training.average` averages; `BackupAndRestore` keeps the resumable state.
     """
 
-    def __init__(self, model_dir, every_steps, keep=10):
+    def __init__(self, model_dir, every_steps, keep=10, writes=True):
         super().__init__()
+        self.writes = writes
         self.model_dir = Path(model_dir)
         self.every_steps = _positive_steps("every_steps", every_steps)
         self.keep = int(keep)
@@ -132,8 +164,11 @@ class StepCheckpoints(UpdateCallback):
 
     def save(self, step):
         path = layout.step_checkpoint(self.model_dir, step)
+        if not self.writes:
+            distributed.save_weights(self.model, path, writes=False)
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.model.save_weights(path)
+        distributed.save_weights(self.model, path)
         for _, old in layout.list_step_checkpoints(self.model_dir)[: -self.keep]:
             old.unlink(missing_ok=True)
 
@@ -148,9 +183,21 @@ class BleuEvaluator(UpdateCallback):
     """
 
     def __init__(
-        self, model_dir, translator_factory, sources, references, every_steps, patience=None
+        self,
+        model_dir,
+        translator_factory,
+        sources,
+        references,
+        every_steps,
+        patience=None,
+        writes=True,
+        agree=bool,
     ):
         super().__init__()
+        # In a multi-process run every process evaluates, `writes` is process 0's, and
+        # `agree` makes the early-stopping decision process 0's everywhere.
+        self.writes = writes
+        self.agree = agree
         self.model_dir = Path(model_dir)
         self.translator_factory = translator_factory
         self.sources = list(sources)
@@ -192,22 +239,29 @@ class BleuEvaluator(UpdateCallback):
             "sentences": len(self.sources),
             "seconds": round(time.monotonic() - start, 1),
         }
-        with self.history_path.open("a") as file:
-            file.write(json.dumps(entry) + "\n")
-        improved = score.score > self.best
+        if self.writes:
+            with self.history_path.open("a") as file:
+                file.write(json.dumps(entry) + "\n")
+        # Process 0's decision everywhere: every process then saves (or not) at this step.
+        improved = self.agree(score.score > self.best)
         if improved:
             self.best = score.score
             self.since_best = 0
-            self.model.save_weights(self.model_dir / layout.BEST)
+            if self.writes:
+                distributed.save_weights(
+                    self.model, self.model_dir / layout.BEST, writes=self.writes
+                )
         else:
             self.since_best += 1
-        print(
-            f"dev BLEU {score.score:.2f} at step {step} ({entry['seconds']} s)"
-            + (" - new best" if improved else f" - best {self.best:.2f}"),
-            flush=True,
-        )
-        if self.patience and self.since_best >= self.patience:
-            print(f"early stopping: no BLEU gain in {self.patience} evaluations", flush=True)
+        if self.writes:
+            print(
+                f"dev BLEU {score.score:.2f} at step {step} ({entry['seconds']} s)"
+                + (" - new best" if improved else f" - best {self.best:.2f}"),
+                flush=True,
+            )
+        if self.agree(bool(self.patience) and self.since_best >= self.patience):
+            if self.writes:
+                print(f"early stopping: no BLEU gain in {self.patience} evaluations", flush=True)
             self.stopped_early = True
             self.model.stop_training = True
 
@@ -233,8 +287,15 @@ class TrainingBudget(UpdateCallback):
     train past it: `on_train_begin`, after `BackupAndRestore`, raises `RunComplete` instead.
     """
 
-    def __init__(self, model_dir, max_steps, max_seconds=None, save_every_steps=500):
+    def __init__(
+        self, model_dir, max_steps, max_seconds=None, save_every_steps=500, agree=bool, writes=True
+    ):
         super().__init__()
+        # `agree`: in a multi-process run, process 0's clock decides for every process (each
+        # would otherwise stop at its own moment and leave the others waiting); `writes`:
+        # only process 0 writes the clock file.
+        self.agree = agree
+        self.writes = writes
         self.path = Path(model_dir) / "train_clock.json"
         self.max_steps = int(max_steps)
         self.max_seconds = max_seconds
@@ -254,7 +315,7 @@ class TrainingBudget(UpdateCallback):
         """`"max_steps"` or `"max_minutes"` when the budget is spent at `step`, else `None`."""
         if step >= self.max_steps:
             return "max_steps"
-        if self.max_seconds is not None and self.elapsed() >= self.max_seconds:
+        if self.max_seconds is not None and self.agree(self.elapsed() >= self.max_seconds):
             return "max_minutes"
         return None
 
@@ -274,11 +335,13 @@ class TrainingBudget(UpdateCallback):
             self.save(step)
         self.reason = self.stop_reason(step)
         if self.reason:
-            print(f"stopping at step {step}: {self.reason} reached", flush=True)
+            if self.writes:
+                print(f"stopping at step {step}: {self.reason} reached", flush=True)
             self.model.stop_training = True
 
     def save(self, step):
-        self.path.write_text(json.dumps({"seconds": self.elapsed(), "step": step}))
+        if self.writes:
+            self.path.write_text(json.dumps({"seconds": self.elapsed(), "step": step}))
 
     def on_train_end(self, logs=None):
         self.save(self.current_step())

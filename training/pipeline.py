@@ -90,6 +90,7 @@ def _assign_batches(
     bounds: Sequence[int],
     batch_tokens: int,
     keep_partial: bool,
+    rows_multiple: int = 1,
 ):
     """Groups pairs into token-budget batches by bucket, without a per-pair loop.
 
@@ -101,8 +102,10 @@ def _assign_batches(
         lengths: int64 ``[n]`` pair lengths, all ``<= bounds[-1]``.
         source_lengths: int64 ``[n]`` source lengths, ``<= lengths``.
         bounds: Inclusive bucket upper bounds, ascending.
-        batch_tokens: Token budget; a bucket with bound ``L`` takes ``batch_tokens // L`` pairs.
+        batch_tokens: Token budget; a bucket with bound ``L`` takes
+            ``batch_rows(batch_tokens, L, rows_multiple)`` pairs.
         keep_partial: Whether a bucket's last, incomplete batch is formed or left over.
+        rows_multiple: Batch sizes are rounded down to a multiple of this.
 
     Returns:
         ``(assigned, batch_ids, leftover, num_batches)``: indices into ``lengths`` of the pairs
@@ -110,7 +113,9 @@ def _assign_batches(
         indices of the pairs not placed.
     """
     bounds_t = tf.constant(bounds, dtype=tf.int64)
-    bucket_sizes = tf.constant([batch_tokens // bound for bound in bounds], dtype=tf.int64)
+    bucket_sizes = tf.constant(
+        [batch_rows(batch_tokens, bound, rows_multiple) for bound in bounds], dtype=tf.int64
+    )
     bucket = tf.searchsorted(bounds_t, lengths, side="left", out_type=tf.int64)
     scale = bounds[-1] + 1
     order = tf.argsort((bucket * scale + lengths) * scale + source_lengths, stable=True)
@@ -139,6 +144,7 @@ def _bucket_pool(
     batch_tokens: int,
     shuffle: bool,
     drop_remainder: bool,
+    rows_multiple: int = 1,
 ):
     """Returns a map function: a pool of tokenized pairs -> ragged ``[batches, (pairs), (len)]``.
 
@@ -162,14 +168,15 @@ def _bucket_pool(
         lengths = tf.maximum(source.row_lengths(), target.row_lengths() - 1)
         source_lengths = source.row_lengths()
         fine_pairs, fine_ids, leftover, fine_batches = _assign_batches(
-            lengths, source_lengths, bounds, batch_tokens, keep_partial=False
+            lengths, source_lengths, bounds, batch_tokens, False, rows_multiple
         )
         coarse_pairs, coarse_ids, _, coarse_batches = _assign_batches(
             tf.gather(lengths, leftover),
             tf.gather(source_lengths, leftover),
             coarse,
             batch_tokens,
-            keep_partial=not drop_remainder,
+            not drop_remainder,
+            rows_multiple,
         )
         pairs = tf.concat([fine_pairs, tf.gather(leftover, coarse_pairs)], axis=0)
         batch_ids = tf.concat([fine_ids, coarse_ids + fine_batches], axis=0)
@@ -191,14 +198,21 @@ def _bucket_pool(
     return bucket
 
 
-def _pad_batch(eos_id: int, pad_id: int, shapes: Sequence[int] | None, batch_tokens: int):
+def _pad_batch(
+    eos_id: int,
+    pad_id: int,
+    shapes: Sequence[int] | None,
+    batch_tokens: int,
+    rows_multiple: int = 1,
+):
     """Returns a map function: a ragged batch -> padded ``(features, labels)``.
 
     Without ``shapes`` a batch is padded to its longest pair. With them (ascending lengths
     ``L``), it is padded to the shortest ``L`` that holds its longest pair and to
-    ``batch_tokens // L`` rows (rows of padding only, which the loss and metrics mask): one
-    shape per ``L``. Every batch fits: it came from a bucket whose bound ``B >= L`` is in
-    ``shapes`` and holds at most ``batch_tokens // B <= batch_tokens // L`` pairs.
+    ``batch_rows(batch_tokens, L, rows_multiple)`` rows (rows of padding only, which the loss
+    and metrics mask): one shape per ``L``. Every batch fits: it came from a bucket whose bound
+    ``B >= L`` is in ``shapes`` and holds at most ``batch_rows(.., B, ..)`` pairs, which is no
+    more than ``batch_rows(.., L, ..)``.
     """
 
     @tf.autograph.experimental.do_not_convert
@@ -212,8 +226,12 @@ def _pad_batch(eos_id: int, pad_id: int, shapes: Sequence[int] | None, batch_tok
                 tf.reduce_max(batch["target_full"].row_lengths()) - 1,
             )
             lengths = tf.constant(shapes, tf.int64)
-            length = tf.gather(lengths, tf.searchsorted(lengths, longest[None])[0])
-            rows = batch_tokens // length
+            index = tf.searchsorted(lengths, longest[None])[0]
+            length = tf.gather(lengths, index)
+            rows = tf.gather(
+                tf.constant([batch_rows(batch_tokens, s, rows_multiple) for s in shapes], tf.int64),
+                index,
+            )
             source_ids = batch["source_ids"].to_tensor(pad_id, shape=tf.stack([rows, length]))
             full = batch["target_full"].to_tensor(pad_id, shape=tf.stack([rows, length + 1]))
         # Padding comes after eos, so dropping the last column leaves each row's eos behind in
@@ -254,21 +272,32 @@ def _bucket_bounds(max_length, bucket_boundaries, length_multiple):
     )
 
 
+def batch_rows(batch_tokens: int, length: int, rows_multiple: int = 1) -> int:
+    """Pairs in a batch of ``length`` tokens: ``batch_tokens // length``, rounded down to a
+    multiple of ``rows_multiple`` (the number of devices a batch is split across)."""
+    return batch_tokens // length // rows_multiple * rows_multiple
+
+
 def batch_shapes(
     max_length: int,
     batch_tokens: int,
     length_multiple: int,
     bucket_boundaries: Sequence[int] | None = None,
+    rows_multiple: int = 1,
 ) -> list[tuple[int, int]]:
     """Every ``(batch size, length)`` that ``make_dataset`` emits with ``length_multiple``.
 
     One shape per bucket length (fine and coarse buckets, rounded up to a multiple of
-    ``length_multiple``, the last one ``max_length``), with ``batch_tokens // length`` rows;
-    source ids, target ids and labels all have it. With the default buckets and a multiple
-    of 8 that is ``ceil(max_length / 8)`` shapes or fewer.
+    ``length_multiple``, the last one ``max_length``), with
+    ``batch_rows(batch_tokens, length, rows_multiple)`` rows; source ids, target ids and labels
+    all have it. With the default buckets and a multiple of 8 that is ``ceil(max_length / 8)``
+    shapes or fewer.
     """
     fine, coarse = _bucket_bounds(max_length, bucket_boundaries, length_multiple)
-    return [(batch_tokens // length, length) for length in sorted(set(fine) | set(coarse))]
+    return [
+        (batch_rows(batch_tokens, length, rows_multiple), length)
+        for length in sorted(set(fine) | set(coarse))
+    ]
 
 
 def make_dataset(
@@ -289,6 +318,7 @@ def make_dataset(
     tokenize_batch_size: int = DEFAULT_TOKENIZE_BATCH,
     pool_size: int = DEFAULT_POOL_SIZE,
     length_multiple: int | None = None,
+    rows_multiple: int = 1,
 ) -> tf.data.Dataset:
     """Builds the training input pipeline with token-budget batches.
 
@@ -341,6 +371,8 @@ def make_dataset(
             ``batch_tokens // length`` rows, so every batch has one of the
             ``batch_shapes(...)``; XLA then compiles one program per shape. ``None``: each
             batch is padded to its longest pair.
+        rows_multiple: Batch sizes are rounded down to a multiple of this: the number of
+            devices a data-parallel batch is split across. Needs ``length_multiple``.
 
     Returns:
         A ``tf.data.Dataset`` of ``({"source_ids": int32 [b, s], "target_ids": int32 [b, t]},
@@ -353,6 +385,19 @@ def make_dataset(
     if batch_tokens < max_length:
         raise ValueError(
             f"batch_tokens={batch_tokens} cannot hold one pair of max_length={max_length} tokens"
+        )
+    if rows_multiple < 1:
+        raise ValueError(f"rows_multiple must be >= 1, got {rows_multiple}")
+    if rows_multiple > 1 and length_multiple is None:
+        raise ValueError(
+            f"rows_multiple={rows_multiple} (batches split across devices) needs fixed batch "
+            "shapes: set length_multiple"
+        )
+    if batch_rows(batch_tokens, max_length, rows_multiple) < 1:
+        raise ValueError(
+            f"batch_tokens={batch_tokens} holds {batch_tokens // max_length} pairs of "
+            f"max_length={max_length} tokens, fewer than one per device ({rows_multiple}); "
+            f"raise batch_tokens to at least {max_length * rows_multiple}"
         )
     # With length_multiple, pairs are bucketed by the rounded bounds, so every bucket's bound is
     # one of the padded shapes (see _pad_batch).
@@ -379,13 +424,13 @@ def make_dataset(
     # in every pool and epoch.
     dataset = tf.data.Dataset.zip((dataset, tf.data.Dataset.random(seed=seed)))
     dataset = dataset.map(
-        _bucket_pool(bounds, coarse, batch_tokens, shuffle, drop_remainder),
+        _bucket_pool(bounds, coarse, batch_tokens, shuffle, drop_remainder, rows_multiple),
         num_parallel_calls=num_parallel_calls,
         deterministic=deterministic,
     )
     dataset = dataset.unbatch()
     dataset = dataset.map(
-        _pad_batch(tokenizer.eos_id, tokenizer.pad_id, shapes, batch_tokens),
+        _pad_batch(tokenizer.eos_id, tokenizer.pad_id, shapes, batch_tokens, rows_multiple),
         num_parallel_calls=num_parallel_calls,
         deterministic=deterministic,
     )

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from keras_transformer.translation import model_dir as layout
 from quiet_logs import add_verbose_argument
+from training import distributed
 from training.corpus import CorpusError
 from training.run_config import ConfigError, RunConfig, dump_run_config, load_run_config
 
@@ -83,7 +84,15 @@ def _completed(model_dir: Path, run_config: RunConfig) -> dict | None:
     return done if spent or stopped_early else None
 
 
-def train(run_config: RunConfig) -> dict:
+def train(run_config: RunConfig, group: distributed.ProcessGroup | None = None) -> dict:
+    """Trains (or resumes, or finds finished) the run; returns its summary.
+
+    `group`: this process' place in a multi-process JAX run (`training.distributed`); one
+    process by default.
+    """
+    group = group or distributed.ProcessGroup()
+    # Before anything runs on JAX: joining the process group must come first.
+    distributed.initialize(group)
     import keras
     import tensorflow as tf
 
@@ -100,14 +109,40 @@ def train(run_config: RunConfig) -> dict:
 
     data, opts = run_config.data, run_config.train
     model_dir = Path(opts.model_dir)
-    model_dir.mkdir(parents=True, exist_ok=True)
+    chief = group.is_chief
+    # Process 0 speaks and writes for the run; the others print only their summary and errors.
+    say = print if chief else (lambda *args, **kwargs: None)
+    if chief:
+        model_dir.mkdir(parents=True, exist_ok=True)
+    # The same seed everywhere: every process initializes the same (replicated) weights.
     keras.utils.set_random_seed(opts.seed)
     if opts.mixed_precision:
         keras.mixed_precision.set_global_policy(opts.mixed_precision)
+    devices = distributed.data_parallel_devices()
+    if devices > 1 and data.length_multiple is None:
+        raise ConfigError(
+            f"data parallel training on {devices} devices splits every batch by rows and needs "
+            "fixed batch shapes: set data.length_multiple (e.g. 8), got null"
+        )
 
     train_corpus = corpus_from_config(_spec(data.train), data.source_lang, data.target_lang)
-    print(f"train corpus: {train_corpus.report()}", flush=True)
-    tokenizer = SubwordTokenizer(_prepare_vocab(run_config, model_dir, train_corpus))
+    say(f"train corpus: {train_corpus.report()}", flush=True)
+    if devices > 1:
+        say(
+            f"data parallel: {devices} devices in {group.num_processes} process(es); "
+            f"data.batch_tokens={data.batch_tokens} is the global batch",
+            flush=True,
+        )
+    if chief:
+        vocab_path = _prepare_vocab(run_config, model_dir, train_corpus)
+    distributed.barrier("vocabulary", group)
+    vocab_path = model_dir / layout.VOCAB
+    if not vocab_path.is_file():
+        raise ConfigError(
+            f"process {group.process_id} cannot read {vocab_path}, written by process 0: "
+            "train.model_dir must be on a filesystem that every process shares"
+        )
+    tokenizer = SubwordTokenizer(vocab_path)
     config = run_config.transformer_config(vocab_size=tokenizer.vocab_size)
     try:
         # Special ids and sizes: decoding stops at the config's eos_id, not the vocabulary's.
@@ -117,18 +152,21 @@ def train(run_config: RunConfig) -> dict:
     _check_same_model(model_dir / layout.TRANSFORMER_CONFIG, config)
     done = _completed(model_dir, run_config)
     if done is not None:
-        print(
+        say(
             f"run already complete at step {done['steps']} ({done['reason']}; max_steps "
             f"{opts.max_steps}, max_minutes {opts.max_minutes}); nothing to do",
             flush=True,
         )
         print(json.dumps(done), flush=True)
         return done
-    # A later budget continues a finished run; it is complete again only when it ends.
-    (model_dir / layout.COMPLETE).unlink(missing_ok=True)
-    config.to_json(model_dir / layout.TRANSFORMER_CONFIG)
-    run_config.decode.to_json(model_dir / layout.DECODE_SETTINGS)
-    dump_run_config(run_config, model_dir / layout.RUN_CONFIG)
+    # Every process has read the marker before process 0 removes it.
+    distributed.barrier("checked-complete", group)
+    if chief:
+        # A later budget continues a finished run; it is complete again only when it ends.
+        (model_dir / layout.COMPLETE).unlink(missing_ok=True)
+        config.to_json(model_dir / layout.TRANSFORMER_CONFIG)
+        run_config.decode.to_json(model_dir / layout.DECODE_SETTINGS)
+        dump_run_config(run_config, model_dir / layout.RUN_CONFIG)
 
     dataset = make_dataset(
         train_corpus,
@@ -141,10 +179,15 @@ def train(run_config: RunConfig) -> dict:
         seed=opts.seed,
         cache=data.cache,
         length_multiple=data.length_multiple,
+        rows_multiple=devices,
     )
+    # Every process builds the same global batches and feeds its own rows of each.
+    dataset = distributed.process_rows(dataset, group)
     if data.length_multiple is not None:
-        shapes = batch_shapes(data.max_length, data.batch_tokens, data.length_multiple)
-        print(
+        shapes = batch_shapes(
+            data.max_length, data.batch_tokens, data.length_multiple, rows_multiple=devices
+        )
+        say(
             f"batch shapes (rows, length): {len(shapes)} fixed: "
             + ", ".join(f"{rows}x{length}" for rows, length in shapes),
             flush=True,
@@ -182,31 +225,41 @@ def train(run_config: RunConfig) -> dict:
     # save_freq, TensorBoard's update_freq) count batches, k per update under accumulation.
     batches_per_step = opts.gradient_accumulation_steps
     max_seconds = None if opts.max_minutes is None else opts.max_minutes * 60
-    budget = cb.TrainingBudget(model_dir, opts.max_steps, max_seconds, opts.save_every_steps)
+    budget = cb.TrainingBudget(
+        model_dir,
+        opts.max_steps,
+        max_seconds,
+        opts.save_every_steps,
+        agree=lambda value: distributed.agree(value, group),
+        writes=chief,
+    )
     # Keras runs callbacks in this (insertion) order. BackupAndRestore is first: the others
     # read the restored step in on_train_begin.
     callbacks = {
-        "backup": keras.callbacks.BackupAndRestore(
+        "backup": cb.Backup(
             str(model_dir / layout.BACKUP),
             save_freq=opts.save_every_steps * batches_per_step,
-            double_checkpoint=True,
-            delete_checkpoint=False,
+            writes=chief,
         ),
         "budget": budget,
-        "progress": cb.ProgressLogger(
-            opts.log_every_steps,
-            opts.max_steps,
-            max_seconds,
-            budget.elapsed_before,
-            progress_path=model_dir / layout.PROGRESS,
-        ),
-        "checkpoints": cb.StepCheckpoints(
-            model_dir, opts.save_every_steps, keep=opts.keep_checkpoints
-        ),
-        "tensorboard": keras.callbacks.TensorBoard(
-            str(model_dir / layout.LOGS), update_freq=opts.log_every_steps * batches_per_step
-        ),
     }
+    # Every process runs every callback (the same JAX computations in the same order, see
+    # training.distributed.save_weights); only process 0 keeps what they write.
+    callbacks["progress"] = cb.ProgressLogger(
+        opts.log_every_steps,
+        opts.max_steps,
+        max_seconds,
+        budget.elapsed_before,
+        progress_path=model_dir / layout.PROGRESS,
+        writes=chief,
+    )
+    callbacks["checkpoints"] = cb.StepCheckpoints(
+        model_dir, opts.save_every_steps, keep=opts.keep_checkpoints, writes=chief
+    )
+    callbacks["tensorboard"] = keras.callbacks.TensorBoard(
+        distributed.scratch_dir(model_dir / layout.LOGS, chief),
+        update_freq=opts.log_every_steps * batches_per_step,
+    )
     if run_config.dev_evaluation:
         dev = corpus_from_config(_spec(data.dev), data.source_lang, data.target_lang)
         # Greedy, so evaluation stays cheap; the rest (extra_length, ...) as the run decodes.
@@ -221,6 +274,9 @@ def train(run_config: RunConfig) -> dict:
             dev.targets[: opts.eval_sentences],
             every_steps=opts.eval_every_steps,
             patience=opts.early_stopping_patience,
+            # Every process decodes (the weights live on all devices); process 0 writes.
+            writes=chief,
+            agree=lambda value: distributed.agree(value, group),
         )
 
     try:
@@ -235,16 +291,16 @@ def train(run_config: RunConfig) -> dict:
     except cb.RunComplete as complete:
         # Killed after its last backup but before it was marked complete: the restored state
         # is the finished one, so it is only saved and marked below.
-        print(f"resumed at step {complete.step}: {complete.reason} already reached", flush=True)
+        say(f"resumed at step {complete.step}: {complete.reason} already reached", flush=True)
     step = int(model.optimizer.iterations.numpy())
-    model.save_weights(model_dir / layout.FINAL)
+    distributed.save_weights(model, model_dir / layout.FINAL, writes=chief)
     if step % opts.save_every_steps:
         callbacks["checkpoints"].save(step)
     early = "dev_bleu" in callbacks and callbacks["dev_bleu"].stopped_early
     # Shapes the train step was traced with in this process: one compiled program each on
     # JAX. Keras' symbolic build and TensorFlow's relaxed retracing add shapes with None.
     traced = sorted(token_count.traced_shapes, key=str)
-    print(f"train step traced for {len(traced)} label shapes: {traced}", flush=True)
+    say(f"train step traced for {len(traced)} label shapes: {traced}", flush=True)
     summary = {
         "model_dir": str(model_dir),
         "backend": keras.config.backend(),
@@ -254,9 +310,19 @@ def train(run_config: RunConfig) -> dict:
         "parameters": model.count_params(),
         "vocab_size": tokenizer.vocab_size,
         "traced_batch_shapes": len(traced),
+        "devices": devices,
+        "processes": group.num_processes,
     }
-    # Last, after final.weights.h5 and the last step checkpoint: its presence means finished.
-    (model_dir / layout.COMPLETE).write_text(json.dumps(summary) + "\n")
+    if chief:
+        # Last, after final.weights.h5 and the last step checkpoint: its presence means finished.
+        (model_dir / layout.COMPLETE).write_text(json.dumps(summary) + "\n")
+    if group.multi_process:
+        # Printed by every process: equal digests show the replicas hold the same weights.
+        summary = dict(summary, process_id=group.process_id)
+        summary["weights_digest"] = distributed.weights_digest(model)
+    # Every process leaves together: process 0 must not shut down the coordination service
+    # while the others still write their summary.
+    distributed.barrier("finished", group)
     print(json.dumps(summary), flush=True)
     return summary
 
@@ -283,12 +349,34 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override"
     )
+    group_args = parser.add_argument_group(
+        "several processes (JAX backend; one process per host, each using all its devices)"
+    )
+    group_args.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        help=f"process 0's address, the same in every process (or ${distributed.ENV_COORDINATOR})",
+    )
+    group_args.add_argument(
+        "--num-processes",
+        type=int,
+        metavar="N",
+        help=f"processes in the job (or ${distributed.ENV_NUM_PROCESSES})",
+    )
+    group_args.add_argument(
+        "--process-id",
+        type=int,
+        metavar="I",
+        help="this process' index, 0..N-1; 0 writes the model dir "
+        f"(or ${distributed.ENV_PROCESS_ID})",
+    )
     add_verbose_argument(parser)
     args = parser.parse_args(argv)
     try:
+        group = distributed.process_group(args.coordinator, args.num_processes, args.process_id)
         run_config = load_run_config(args.config, args.set)
-        train(run_config)
-    except (ConfigError, CorpusError, FileNotFoundError) as error:
+        train(run_config, group)
+    except (ConfigError, CorpusError, FileNotFoundError, distributed.DistributedError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
