@@ -1,8 +1,8 @@
 """Behaviour parity with TF Serving, as one table per kind of input.
 
 Each row is (what is sent or configured, the gRPC status code TF Serving answers with, a
-fragment of its message) and cites the TF Serving source (tensorflow/serving; TensorFlow for
-the two messages that come from its kernels) the expectation is read from. The rows run against
+fragment of its message) and cites the TF Serving source (tensorflow/serving; TensorFlow's, for
+the messages TF Serving passes on from it) the expectation is read from. The rows run against
 `tensorflow_model_server` when it is on PATH and against the devserver otherwise
 (model_server.py; SERVING_TEST_SERVER forces one), so the devserver is held to what the real
 server does, not to what it did before.
