@@ -137,7 +137,14 @@ class ModelRegistry:
             failed = version in statuses and statuses[version].error_code != 0
             if version not in loaded and not failed:
                 self._load(model.name, version, os.path.join(model.base_path, str(version)))
-        self._unload(model.name, [version for version in loaded if version not in aspired])
+        # AvailabilityPreservingPolicy (tensorflow_serving/core/availability_preserving_policy.cc,
+        # the policy of model_servers/server.cc): versions the policy dropped are unloaded once
+        # an aspired one is AVAILABLE (or none is aspired); until then the newest keeps serving,
+        # so a new version that fails to load leaves the previous one in service.
+        dropped = sorted(version for version in loaded if version not in aspired)
+        if aspired and not any(version in loaded for version in aspired):
+            dropped = dropped[:-1]
+        self._unload(model.name, dropped)
 
     def _load(self, name: str, version: int, path: str) -> None:
         with self._lock:

@@ -83,6 +83,9 @@ def parse_inputs(
             got = tf.dtypes.as_dtype(proto.dtype).name if proto.dtype else "no dtype"
             raise _invalid(f'Expects input "{alias}" to be {spec.dtype.name} but {got} is provided')
         try:
+            # Tensor::FromProto refuses what TensorShape::IsValid does; make_ndarray does not.
+            if proto.tensor_shape.unknown_rank or any(d.size < 0 for d in proto.tensor_shape.dim):
+                raise ValueError(f"invalid shape {[d.size for d in proto.tensor_shape.dim]}")
             array = tf.make_ndarray(proto)
         except Exception as error:  # a malformed proto may fail in many ways
             raise _invalid(f"tensor parsing error: {alias}: {error}") from None

@@ -89,6 +89,12 @@ class DevServer(contextlib.AbstractContextManager):
         self._server.stop(grace).wait()
         if self.batching is not None:
             self.batching.stop()
+            # Read by benchmarks/serving_load.py (the mean batch size under load).
+            logger.info(
+                "batching: %d batches, %d requests",
+                self.batching.batches_run,
+                self.batching.requests_run,
+            )
         if self._poller is not None:
             self._poller.join()
 
