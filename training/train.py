@@ -193,16 +193,15 @@ def train(run_config: RunConfig, group: distributed.ProcessGroup | None = None) 
             flush=True,
         )
 
-    if opts.strategy == "mirrored" and keras.config.backend() != "tensorflow":
-        raise ConfigError(
-            f"train.strategy: mirrored is tf.distribute's and needs the TensorFlow backend, "
-            f"got {keras.config.backend()!r}"
+    # `mirrored` is tf.distribute's way to use every local device; JAX always does (above).
+    mirrored = opts.strategy == "mirrored" and keras.config.backend() == "tensorflow"
+    if opts.strategy == "mirrored" and not mirrored:
+        say(
+            f"train.strategy: mirrored is TensorFlow's; on {keras.config.backend()} every "
+            f"device is used through DataParallel ({devices} here)",
+            flush=True,
         )
-    strategy = (
-        tf.distribute.MirroredStrategy()
-        if opts.strategy == "mirrored"
-        else tf.distribute.get_strategy()
-    )
+    strategy = tf.distribute.MirroredStrategy() if mirrored else tf.distribute.get_strategy()
     with strategy.scope():
         model = build_transformer(config)
         optimizer = transformer_optimizer(

@@ -154,6 +154,31 @@ def test_length_multiple_gives_fixed_shapes_and_keeps_every_pair(small_corpus, t
     assert pairs == expected_pairs(tokenizer, small_corpus, max_length)
 
 
+def test_rows_multiple_splits_every_batch_evenly_and_keeps_every_pair(small_corpus, tokenizer):
+    """Data parallel over 4 devices: every batch's rows divide by 4 (Keras splits the global
+    batch by rows), and no pair is lost although buckets now hold fewer pairs per batch."""
+    max_length, multiple, devices = 60, 16, 4
+    shapes = batch_shapes(max_length, 1024, multiple, rows_multiple=devices)
+    assert shapes == [(64, 16), (32, 32), (20, 48), (16, 60)]
+    dataset = make_dataset(
+        small_corpus,
+        tokenizer,
+        batch_tokens=1024,
+        max_length=max_length,
+        seed=3,
+        length_multiple=multiple,
+        rows_multiple=devices,
+    )
+    pairs = collections.Counter()
+    for features, labels in batches(dataset):
+        source = features["source_ids"]
+        assert source.shape in shapes and source.shape[0] % devices == 0
+        real = (source != 0).any(axis=1)
+        for source_row, label_row in zip(rows(source[real]), rows(labels[real]), strict=True):
+            pairs[(source_row[:-1], label_row[:-1])] += 1
+    assert pairs == expected_pairs(tokenizer, small_corpus, max_length)
+
+
 def test_same_seed_same_batches_other_seed_other_batches(small_corpus, tokenizer):
     def first_batches(seed, cache=False):
         dataset = make_dataset(
@@ -240,6 +265,12 @@ def test_argument_errors(corpus, tokenizer):
         make_dataset(corpus, tokenizer, batch_tokens=32, max_length=64)
     with pytest.raises(TypeError, match="got list"):
         make_dataset([("a", "b")], tokenizer, batch_tokens=64, max_length=64)
+    with pytest.raises(ValueError, match="fewer than one per device \\(8\\)"):
+        make_dataset(
+            corpus, tokenizer, batch_tokens=448, max_length=64, length_multiple=8, rows_multiple=8
+        )
+    with pytest.raises(ValueError, match="rows_multiple=2 .* set length_multiple"):
+        make_dataset(corpus, tokenizer, batch_tokens=448, max_length=64, rows_multiple=2)
 
 
 def test_default_bucket_boundaries():
