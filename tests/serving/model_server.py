@@ -54,8 +54,8 @@ def read_max_batch_size(path: str | os.PathLike) -> int:
 #   core/kernels/batching_util/shared_batch_scheduler.h); the devserver gets the same number as
 #   its own cap (`max_batch_size`), so MAX_BATCH_SIZE + 1 rows are INVALID_ARGUMENT on either.
 # - batch_timeout_micros, max_enqueued_batches, num_batch_threads, pad_variable_length_inputs:
-#   they only shape how TF Serving merges concurrent requests; the devserver runs each request
-#   on its own and has no counterpart.
+#   they only shape how concurrent requests are merged; the shared fixtures run the devserver
+#   without batching (its batching, `batching_parameters=`, is tested in test_batching.py).
 # - The devserver's `max_input_bytes` (bytes per string) has no TF Serving counterpart; the test
 #   of it skips on the real server.
 MAX_BATCH_SIZE = read_max_batch_size(BATCHING_PARAMETERS_FILE)
