@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import subprocess
 import sys
 import threading
@@ -316,7 +317,7 @@ def main(argv=None):
     export_json = version_dir / "assets.extra" / "export.json"
     report = {
         "benchmark": "serving_load",
-        "command": "python benchmarks/serving_load.py " + " ".join(argv or sys.argv[1:]),
+        "command": shlex.join(["python", "benchmarks/serving_load.py", *(argv or sys.argv[1:])]),
         "export": str(version_dir),
         "export_record": json.loads(export_json.read_text()) if export_json.exists() else None,
         "signature": "serving_default",
