@@ -1,7 +1,9 @@
 """Two training processes on localhost (JAX, CPU, gloo) against one: `training.distributed`.
 
-Each process has one CPU device, so the two-process run is data parallel over 2 devices with
-the global batch split by rows; one process trains on the same global batches alone.
+Each of the two processes drives two CPU devices (XLA's forced host device count), so the run
+is data parallel over 4 devices in 2 processes: every global batch is split by rows across
+processes and then across each process' devices. One process with one device trains on the
+same global batches alone.
 """
 
 import json
@@ -22,9 +24,12 @@ pytest.importorskip("jax")
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "training" / "configs" / "tiny.yaml"
-# Two bucket shapes (24 and 48) keep the XLA compilations few; no dev BLEU unless asked.
+# Two bucket shapes (24 and 48) keep the XLA compilations few; no dev BLEU unless asked. 384
+# tokens make 16x24 and 8x48 batches: rows that 1, 2 and 4 devices divide, so every device
+# count trains on the same global batches.
 COMMON = (
     "data.length_multiple=24",
+    "data.batch_tokens=384",
     "train.steps_per_epoch=10",
     "train.log_every_steps=5",
     "train.save_every_steps=10",
@@ -33,7 +38,7 @@ COMMON = (
 # One process against two: the same global batches, summed in a different order (per device,
 # then across processes), so float32 results differ by rounding only.
 LOSS_RTOL = 1e-4
-WEIGHTS_ATOL = 1e-5
+LOGITS_ATOL = 1e-3
 
 
 def _free_port():
@@ -53,21 +58,21 @@ def _command(model_dir, steps, *extra, group=None):
     return command
 
 
-def _env():
+def _env(devices=1):
     return dict(
         os.environ,
         KERAS_BACKEND="jax",
         JAX_PLATFORMS="cpu",
-        TF_CPP_MIN_LOG_LEVEL="3",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
         PYTHONPATH=str(ROOT),
     )
 
 
-def _start(model_dir, steps, *extra, group=None):
+def _start(model_dir, steps, *extra, group=None, devices=1):
     return subprocess.Popen(
         _command(model_dir, steps, *extra, group=group),
         cwd=ROOT,
-        env=_env(),
+        env=_env(devices),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -80,9 +85,11 @@ def _finish(process, timeout=600):
     return output, json.loads(output.strip().splitlines()[-1])
 
 
-def _two_processes(model_dir, steps, *extra):
+def _two_processes(model_dir, steps, *extra, devices=1):
     port = _free_port()
-    processes = [_start(model_dir, steps, *extra, group=(port, i)) for i in range(2)]
+    processes = [
+        _start(model_dir, steps, *extra, group=(port, i), devices=devices) for i in range(2)
+    ]
     return [_finish(process) for process in processes]
 
 
@@ -91,23 +98,23 @@ def _losses(model_dir):
     return {entry["step"]: entry["loss"] for entry in map(json.loads, lines)}
 
 
-def _weights(path):
-    import h5py
+def _logits(model_dir, data_dir):
+    """The final model's logits for a few Multi30k validation pairs (teacher forcing)."""
+    from keras_transformer.translation.model_dir import load_tokenizer, load_transformer
 
-    values = []
-    with h5py.File(path, "r") as file:
-        file.visititems(
-            lambda name, item: (
-                values.append((name, item[()])) if isinstance(item, h5py.Dataset) else None
-            )
-        )
-    return dict(values)
+    tokenizer = load_tokenizer(model_dir)
+    sources = (data_dir / "multi30k/val.en").read_text().splitlines()[:4]
+    targets = (data_dir / "multi30k/val.de").read_text().splitlines()[:4]
+    source_ids = tokenizer.tokenize(sources).to_tensor().numpy()
+    target_ids = tokenizer.tokenize(targets).to_tensor().numpy()[:, :12]
+    model, _ = load_transformer(model_dir, "final")
+    return np.asarray(model({"source_ids": source_ids, "target_ids": target_ids}))
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("multi_process")
-    two = _two_processes(base / "two", 10)
+    two = _two_processes(base / "two", 10, devices=2)
     one = _finish(_start(base / "one", 10))
     return base, two, one
 
@@ -116,7 +123,7 @@ def test_two_processes_hold_identical_weights(runs):
     base, ((out0, summary0), (out1, summary1)), _ = runs
     for summary, process_id in ((summary0, 0), (summary1, 1)):
         assert summary["process_id"] == process_id
-        assert (summary["devices"], summary["processes"], summary["steps"]) == (2, 2, 10)
+        assert (summary["devices"], summary["processes"], summary["steps"]) == (4, 2, 10)
     assert summary0["weights_digest"] == summary1["weights_digest"]
     # Process 0 speaks and writes; the other prints its summary only.
     assert "step      10/10" in out0 and "step " not in out1
@@ -124,18 +131,21 @@ def test_two_processes_hold_identical_weights(runs):
     assert sorted(_losses(base / "two")) == [5, 10]
 
 
-def test_two_processes_train_as_one_process_on_the_global_batch(runs):
+def test_two_processes_train_as_one_process_on_the_global_batch(runs, shared_data_dir):
     base, _, (_, one_summary) = runs
     assert one_summary["devices"] == 1 and "process_id" not in one_summary
     two, one = _losses(base / "two"), _losses(base / "one")
     assert sorted(two) == sorted(one) == [5, 10]
     for step in one:
         np.testing.assert_allclose(two[step], one[step], rtol=LOSS_RTOL, err_msg=f"step {step}")
-    two_weights = _weights(base / "two" / layout.FINAL)
-    one_weights = _weights(base / "one" / layout.FINAL)
-    assert two_weights.keys() == one_weights.keys()
-    for name, value in one_weights.items():
-        np.testing.assert_allclose(two_weights[name], value, atol=WEIGHTS_ATOL, err_msg=name)
+    # The trained functions agree (weights can not be compared one by one: a key projection's
+    # bias has a zero gradient, so Adam turns its rounding noise into full-size steps).
+    np.testing.assert_allclose(
+        _logits(base / "two", shared_data_dir),
+        _logits(base / "one", shared_data_dir),
+        atol=LOGITS_ATOL,
+        rtol=0,
+    )
 
 
 def test_a_killed_process_costs_only_the_steps_since_the_last_backup(tmp_path):
