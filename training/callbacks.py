@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -178,7 +179,8 @@ class BleuEvaluator(UpdateCallback):
 
     `translator_factory(model)` gives the object whose `translate(sentences)` decodes them
     (`training.train` passes a greedy `Translator`); it is made at the first evaluation.
-    Appends `{"step", "bleu", "signature"}` to `bleu_history.jsonl`, saves `best.weights.h5`
+    Appends `{"step", "bleu", "signature", "sentences", "sources_sha1", "seconds"}` to
+    `bleu_history.jsonl`, saves `best.weights.h5`
     when BLEU improves, and stops training after `patience` evaluations without a gain.
     """
 
@@ -212,6 +214,7 @@ class BleuEvaluator(UpdateCallback):
             self.since_best = 0 if entry["bleu"] >= self.best else self.since_best + 1
         self.stopped_early = False
         self._translator = None
+        self.sources_sha1 = hashlib.sha1("\n".join(self.sources).encode("utf-8")).hexdigest()
 
     def history(self):
         if not self.history_path.is_file():
@@ -237,6 +240,8 @@ class BleuEvaluator(UpdateCallback):
             "bleu": round(score.score, 2),
             "signature": str(bleu.get_signature()),
             "sentences": len(self.sources),
+            # Which sentences were scored: a digest of the dev sources, in order.
+            "sources_sha1": self.sources_sha1,
             "seconds": round(time.monotonic() - start, 1),
         }
         if self.writes:

@@ -261,6 +261,7 @@ def train(run_config: RunConfig, group: distributed.ProcessGroup | None = None) 
     )
     if run_config.dev_evaluation:
         dev = corpus_from_config(_spec(data.dev), data.source_lang, data.target_lang)
+        say(f"dev corpus: {dev.report()}", flush=True)
         # Greedy, so evaluation stays cheap; the rest (extra_length, ...) as the run decodes.
         # nbest is reset: a decode.nbest above 1 does not fit one beam.
         settings = dataclasses.replace(

@@ -9,6 +9,7 @@ download).
 """
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -172,6 +173,9 @@ def test_base_recipe_trains_on_newstest2013_and_validates_on_newstest2014(
     assert len(dev) == 3003 and dev.sources[0] == NEWSTEST2014_FIRST_SOURCE
     sources, references = dev.sources[:EVAL_SENTENCES], dev.targets[:EVAL_SENTENCES]
     assert not [line for line in sources + references if "<seg" in line or "</seg>" in line]
+    # The run scored exactly these sentences (not, e.g., the training corpus).
+    assert evaluation["sources_sha1"] == hashlib.sha1("\n".join(sources).encode()).hexdigest()
+    assert "dev corpus: sgml:" in output, output
 
     # The export side: final.weights.h5 (float32 variables, also when trained in
     # mixed_float16) loads through the model directory, and its greedy translations score
