@@ -112,8 +112,12 @@ def test_sigkill_under_load_then_restart_client_retries_carry_every_request(
         server.wait_listening()
 
         def client_loop(lines):
-            # Backoff 0.2, 0.4, ... 102 s: the retries outlast a restart (~10-60 s here).
-            with TranslationClient(f"127.0.0.1:{port}", timeout=60, retries=10, backoff=0.2) as c:
+            # Jittered backoff from 0.1-0.2 s up to 1-2 s: 100 retries wait 97-194 s in all,
+            # longer than a restart (10-60 s here), and the clients see the new server soon.
+            client = TranslationClient(
+                f"127.0.0.1:{port}", timeout=60, retries=100, backoff=0.2, max_backoff=2.0, seed=0
+            )
+            with client as c:
                 for line in lines:
                     (translation,) = c.translate([line])
                     with lock:
