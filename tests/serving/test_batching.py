@@ -278,6 +278,15 @@ def translator(tmp_path_factory, shared_data_dir):
 
 
 @pytest.fixture(scope="module")
+def unbatched(tmp_path_factory, shared_data_dir):
+    """The export's signatures in this process: the answers without batching."""
+    import tensorflow_text  # noqa: F401 - the export's SentencePiece ops
+
+    export = tiny_export(tmp_path_factory, shared_data_dir) / "1"
+    return tf.saved_model.load(str(export)).signatures
+
+
+@pytest.fixture(scope="module")
 def sentences(shared_data_dir):
     lines = (shared_data_dir / "multi30k" / "test_2016_flickr.en").read_text().splitlines()
     return lines[:8]
@@ -305,12 +314,15 @@ def serve_batched(tmp_path_factory, shared_data_dir):
 
 
 def test_concurrent_translations_are_batched_and_each_gets_its_own(
-    serve_batched, translator, sentences
+    serve_batched, unbatched, sentences
 ):
     server = serve_batched(max_batch_size=8, batch_timeout_micros=10_000_000, num_batch_threads=1)
     with TranslationClient(server.address, timeout=60) as client:
         results = _concurrently([lambda s=s: client.translate([s]) for s in sentences])
-    expected = [translator.translate([sentence])[0] for sentence in sentences]
+    expected = [
+        unbatched["serving_default"](text=tf.constant([s]))["translations"].numpy()[0].decode()
+        for s in sentences
+    ]
     assert [result[0] for result in results] == expected
     assert len(set(expected)) > 1  # different answers, so a mix-up would show
     # All eight went through one model call (the batch was full, not timed out).
@@ -324,7 +336,7 @@ def _until_eos(row, eos_id):
 
 @pytest.mark.parametrize("signature", ["greedy_ids", "beam_ids"])
 def test_ids_signatures_of_different_lengths_are_safe_in_one_batch(
-    serve_batched, translator, sentences, signature
+    serve_batched, translator, unbatched, sentences, signature
 ):
     """The decision for the `*_ids` signatures (serving/OPERATIONS.md): TF Serving batches them
     like every signature, so they are made safe: the shipped file pads (different lengths
@@ -345,7 +357,7 @@ def test_ids_signatures_of_different_lengths_are_safe_in_one_batch(
     assert all(ids[0, 0] != translator.model.config.pad_id for ids in requests)
     eos = translator.model.config.eos_id
     expected = [
-        _until_eos(getattr(translator, signature)(ids)["target_ids"].numpy()[0], eos)
+        _until_eos(unbatched[signature](source_ids=ids)["target_ids"].numpy()[0], eos)
         for ids in requests
     ]
     with TranslationClient(server.address, timeout=60) as client:
