@@ -184,6 +184,8 @@ def start_model_server(
         timeout: Seconds to wait for `tensorflow_model_server` to load the models.
         **devserver_kwargs: Further `serving.devserver.start_server` arguments, used only by
             the devserver; not `max_batch_size`, which is the shipped batching file's.
+            `model_config_file_poll_wait_seconds` (re-read the config file) is passed to
+            `tensorflow_model_server` too, as its flag of that name (whole seconds, at least 1).
 
     Returns:
         A handle with `.address`, `.kind` ("devserver" or "tensorflow_model_server") and
@@ -239,6 +241,9 @@ def start_model_server(
     ]
     if allow_version_labels_for_unavailable_models:
         command.append("--allow_version_labels_for_unavailable_models")
+    config_poll = devserver_kwargs.get("model_config_file_poll_wait_seconds")
+    if config_poll:
+        command.append(f"--model_config_file_poll_wait_seconds={max(1, round(config_poll))}")
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     server = ModelServerProcess(process, format_address(host, port), log_path, tmpdir)
