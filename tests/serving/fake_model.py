@@ -1,6 +1,11 @@
-"""A tiny SavedModel with the exported translator's signature contract, for serving tests.
+"""A tiny SavedModel with the exported translator's signature names, for serving tests whose case
+does not depend on the model: it saves and loads in about a second (a real tiny export takes
+tens of seconds to write and several to load), its "translation" is the input's words reversed
+and upper-cased, and `call_count` shows how many text calls ran, which no real export can.
 
-Its "translation" is the input's words reversed and upper-cased, so tests can predict outputs.
+What the real export does over gRPC (metadata, n-best, id signatures, warmup, rollout) is
+tested on the real export, in test_real_export_grpc.py; this model's n-best is 2 wide and its
+outputs are not translations, so it must not stand in for those.
 """
 
 from __future__ import annotations
