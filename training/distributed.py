@@ -43,11 +43,14 @@ class ProcessGroup:
         coordinator: `HOST:PORT` of process 0's coordination service; `None` for one process.
         num_processes: processes in the job (one per host, each driving its local devices).
         process_id: this process' index, `0 .. num_processes - 1`; 0 writes the model dir.
+        heartbeat_timeout: seconds without a heartbeat after which a process counts as dead
+            and the others stop (`jax.distributed.initialize`'s argument).
     """
 
     coordinator: str | None = None
     num_processes: int = 1
     process_id: int = 0
+    heartbeat_timeout: int = 100
 
     @property
     def is_chief(self) -> bool:
@@ -70,7 +73,9 @@ def _int_setting(name: str, value) -> int:
         raise DistributedError(f"{name} must be an integer, got {value!r}") from None
 
 
-def process_group(coordinator=None, num_processes=None, process_id=None, environ=None):
+def process_group(
+    coordinator=None, num_processes=None, process_id=None, heartbeat_timeout=100, environ=None
+):
     """The process group from flags, falling back to the `JAX_*` environment variables.
 
     Raises:
@@ -84,6 +89,8 @@ def process_group(coordinator=None, num_processes=None, process_id=None, environ
         process_id = _int_setting(ENV_PROCESS_ID, environ[ENV_PROCESS_ID])
     if coordinator is None and num_processes in (None, 1) and process_id in (None, 0):
         return ProcessGroup()
+    if isinstance(heartbeat_timeout, bool) or int(heartbeat_timeout) < 1:
+        raise DistributedError(f"--heartbeat-timeout must be >= 1 second, got {heartbeat_timeout}")
     missing = [
         name
         for name, value in (
@@ -111,10 +118,10 @@ def process_group(coordinator=None, num_processes=None, process_id=None, environ
             f"--process-id must be in 0..{num_processes - 1} for --num-processes "
             f"{num_processes}, got {process_id}"
         )
-    return ProcessGroup(str(coordinator), num_processes, process_id)
+    return ProcessGroup(str(coordinator), num_processes, process_id, int(heartbeat_timeout))
 
 
-def initialize(group: ProcessGroup, heartbeat_timeout_seconds: int = 100) -> None:
+def initialize(group: ProcessGroup) -> None:
     """Joins the JAX process group (before any JAX computation) and checks the backend.
 
     On CPU, collectives across processes need gloo (XLA's default CPU collectives are
@@ -136,7 +143,7 @@ def initialize(group: ProcessGroup, heartbeat_timeout_seconds: int = 100) -> Non
         coordinator_address=group.coordinator,
         num_processes=group.num_processes,
         process_id=group.process_id,
-        heartbeat_timeout_seconds=heartbeat_timeout_seconds,
+        heartbeat_timeout_seconds=group.heartbeat_timeout,
     )
 
 

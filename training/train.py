@@ -364,6 +364,13 @@ def main(argv=None) -> int:
         help=f"processes in the job (or ${distributed.ENV_NUM_PROCESSES})",
     )
     group_args.add_argument(
+        "--heartbeat-timeout",
+        type=int,
+        default=100,
+        metavar="SECONDS",
+        help="a process silent this long is dead and the others stop (JAX's default: 100)",
+    )
+    group_args.add_argument(
         "--process-id",
         type=int,
         metavar="I",
@@ -373,7 +380,9 @@ def main(argv=None) -> int:
     add_verbose_argument(parser)
     args = parser.parse_args(argv)
     try:
-        group = distributed.process_group(args.coordinator, args.num_processes, args.process_id)
+        group = distributed.process_group(
+            args.coordinator, args.num_processes, args.process_id, args.heartbeat_timeout
+        )
         run_config = load_run_config(args.config, args.set)
         train(run_config, group)
     except (ConfigError, CorpusError, FileNotFoundError, distributed.DistributedError) as error:

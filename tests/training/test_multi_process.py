@@ -38,6 +38,8 @@ COMMON = (
 # One process against two: the same global batches, summed in a different order (per device,
 # then across processes), so float32 results differ by rounding only.
 LOSS_RTOL = 1e-4
+# Seconds before a killed process' peer gives up (JAX's default is 100).
+HEARTBEAT = 15
 LOGITS_ATOL = 1e-3
 
 
@@ -54,7 +56,7 @@ def _command(model_dir, steps, *extra, group=None):
     if group is not None:
         port, process_id = group
         command += ["--coordinator", f"localhost:{port}", "--num-processes", "2"]
-        command += ["--process-id", str(process_id)]
+        command += ["--process-id", str(process_id), "--heartbeat-timeout", str(HEARTBEAT)]
     return command
 
 
@@ -86,6 +88,7 @@ def _finish(process, timeout=600):
 
 
 def _two_processes(model_dir, steps, *extra, devices=1):
+    """Runs both processes to their end; their `(output, summary)`."""
     port = _free_port()
     processes = [
         _start(model_dir, steps, *extra, group=(port, i), devices=devices) for i in range(2)
@@ -94,12 +97,13 @@ def _two_processes(model_dir, steps, *extra, devices=1):
 
 
 def _losses(model_dir):
+    """`(step, loss)` of every progress line, in order."""
     lines = (model_dir / layout.PROGRESS).read_text().splitlines()
-    return {entry["step"]: entry["loss"] for entry in map(json.loads, lines)}
+    return [(entry["step"], entry["loss"]) for entry in map(json.loads, lines)]
 
 
-def _logits(model_dir, data_dir):
-    """The final model's logits for a few Multi30k validation pairs (teacher forcing)."""
+def _logits(model_dir, weights, data_dir):
+    """The logits of `weights` for a few Multi30k validation pairs (teacher forcing)."""
     from keras_transformer.translation.model_dir import load_tokenizer, load_transformer
 
     tokenizer = load_tokenizer(model_dir)
@@ -107,76 +111,83 @@ def _logits(model_dir, data_dir):
     targets = (data_dir / "multi30k/val.de").read_text().splitlines()[:4]
     source_ids = tokenizer.tokenize(sources).to_tensor().numpy()
     target_ids = tokenizer.tokenize(targets).to_tensor().numpy()[:, :12]
-    model, _ = load_transformer(model_dir, "final")
+    model, _ = load_transformer(model_dir, str(weights))
     return np.asarray(model({"source_ids": source_ids, "target_ids": target_ids}))
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    """Two processes of two devices each train to step 20 with dev BLEU at 20; process 1 is
+    SIGKILLed after the step-10 save and both are started again. One process of one device
+    trains to step 10 on the same global batches."""
     base = tmp_path_factory.mktemp("multi_process")
-    two = _two_processes(base / "two", 10, devices=2)
+    two = base / "two"
+    extra = ("train.eval_every_steps=20",)
+    port = _free_port()
+    first = [_start(two, 20, *extra, group=(port, i), devices=2) for i in range(2)]
+    saved = layout.step_checkpoint(two, 10)
+    deadline = time.monotonic() + 600
+    while not saved.exists() and first[0].poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert saved.exists(), first[0].communicate()[0][-3000:]
+    first[1].send_signal(signal.SIGKILL)
+    first[1].wait()
+    killed = time.monotonic()
+    try:
+        first[0].wait(timeout=120)
+        survivor = {"returncode": first[0].returncode, "seconds": time.monotonic() - killed}
+    except subprocess.TimeoutExpired:
+        first[0].send_signal(signal.SIGKILL)
+        survivor = {"returncode": None, "seconds": None}
+    survivor["output"] = first[0].communicate()[0]
+    resumed = _two_processes(two, 20, *extra, devices=2)
     one = _finish(_start(base / "one", 10))
-    return base, two, one
+    return {"base": base, "survivor": survivor, "resumed": resumed, "one": one}
 
 
-def test_two_processes_hold_identical_weights(runs):
-    base, ((out0, summary0), (out1, summary1)), _ = runs
+def test_two_processes_hold_identical_weights_and_only_process_0_writes(runs):
+    (out0, summary0), (out1, summary1) = runs["resumed"]
     for summary, process_id in ((summary0, 0), (summary1, 1)):
         assert summary["process_id"] == process_id
-        assert (summary["devices"], summary["processes"], summary["steps"]) == (4, 2, 10)
+        assert (summary["devices"], summary["processes"], summary["steps"]) == (4, 2, 20)
     assert summary0["weights_digest"] == summary1["weights_digest"]
     # Process 0 speaks and writes; the other prints its summary only.
-    assert "step      10/10" in out0 and "step " not in out1
-    # One line per logged step: a second writer would have appended its own.
-    assert sorted(_losses(base / "two")) == [5, 10]
+    assert "step      20/20" in out0 and "step " not in out1 and "dev BLEU" not in out1
+    # One line per logged step, across the kill: a second writer would have added its own.
+    assert [step for step, _ in _losses(runs["base"] / "two")] == [5, 10, 15, 20]
 
 
 def test_two_processes_train_as_one_process_on_the_global_batch(runs, shared_data_dir):
-    base, _, (_, one_summary) = runs
-    assert one_summary["devices"] == 1 and "process_id" not in one_summary
-    two, one = _losses(base / "two"), _losses(base / "one")
-    assert sorted(two) == sorted(one) == [5, 10]
+    base = runs["base"]
+    assert runs["one"][1]["devices"] == 1 and "process_id" not in runs["one"][1]
+    two, one = dict(_losses(base / "two")), dict(_losses(base / "one"))
+    assert sorted(one) == [5, 10]
     for step in one:
         np.testing.assert_allclose(two[step], one[step], rtol=LOSS_RTOL, err_msg=f"step {step}")
     # The trained functions agree (weights can not be compared one by one: a key projection's
     # bias has a zero gradient, so Adam turns its rounding noise into full-size steps).
     np.testing.assert_allclose(
-        _logits(base / "two", shared_data_dir),
-        _logits(base / "one", shared_data_dir),
+        _logits(base / "two", layout.step_checkpoint(base / "two", 10), shared_data_dir),
+        _logits(base / "one", layout.step_checkpoint(base / "one", 10), shared_data_dir),
         atol=LOGITS_ATOL,
         rtol=0,
     )
 
 
-def test_a_killed_process_costs_only_the_steps_since_the_last_backup(tmp_path):
-    """SIGKILL one process after the step-10 backup; the job fails (the other process stops
-    too, or is stopped as a scheduler would); started again, both resume from the backup,
-    evaluate dev BLEU together and finish with identical weights."""
-    model_dir = tmp_path / "run"
-    port = _free_port()
-    extra = ("train.eval_every_steps=20",)
-    first = [_start(model_dir, 20, *extra, group=(port, i)) for i in range(2)]
-    metadata = model_dir / layout.BACKUP / "training_metadata.json"
-    deadline = time.monotonic() + 300
-    while not metadata.exists() and first[0].poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert metadata.exists(), first[0].communicate()[0][-3000:]
-    first[1].send_signal(signal.SIGKILL)
-    first[1].wait()
-    try:
-        first[0].wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        first[0].send_signal(signal.SIGKILL)
-    first_output = first[0].communicate()[0]
-    assert not (model_dir / layout.COMPLETE).exists(), first_output[-3000:]
-
-    (out0, summary0), (_, summary1) = _two_processes(model_dir, 20, *extra)
-    assert summary0["steps"] == summary1["steps"] == 20
-    assert summary0["weights_digest"] == summary1["weights_digest"]
+def test_a_killed_process_stops_the_job_and_both_resume_from_the_backup(runs):
+    survivor = runs["survivor"]
+    # The other process fails on its own (the coordination service misses the dead one's
+    # heartbeats) instead of waiting forever.
+    assert survivor["returncode"] not in (None, 0), survivor["output"][-3000:]
+    assert survivor["seconds"] < HEARTBEAT + 60, survivor
+    model_dir = runs["base"] / "two"
+    out0 = runs["resumed"][0][0]
     resumed_steps = [
         int(line.split()[1].split("/")[0]) for line in out0.splitlines() if line.startswith("step ")
     ]
-    assert resumed_steps and min(resumed_steps) > 10, out0[-3000:]
-    history = (model_dir / layout.EVAL_HISTORY).read_text().splitlines()
-    assert [json.loads(line)["step"] for line in history] == [20]
+    assert resumed_steps == [15, 20], out0[-3000:]
+    history = [
+        json.loads(line) for line in (model_dir / layout.EVAL_HISTORY).read_text().splitlines()
+    ]
+    assert [entry["step"] for entry in history] == [20]
     assert (model_dir / layout.COMPLETE).is_file() and (model_dir / layout.BEST).is_file()

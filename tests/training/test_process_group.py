@@ -11,8 +11,8 @@ def test_one_process_without_settings():
 
 
 def test_flags_then_environment():
-    group = process_group("10.0.0.1:1234", 4, 3, environ={})
-    assert group == ProcessGroup("10.0.0.1:1234", 4, 3)
+    group = process_group("10.0.0.1:1234", 4, 3, 20, environ={})
+    assert group == ProcessGroup("10.0.0.1:1234", 4, 3, 20)
     assert group.multi_process and not group.is_chief
     environ = {
         "JAX_COORDINATOR_ADDRESS": "host:99",
@@ -32,6 +32,7 @@ def test_flags_then_environment():
         (("host", 2, 0), {}, "HOST:PORT, got 'host'"),
         (("host:1", 2, 2), {}, "in 0..1 for --num-processes 2, got 2"),
         (("host:1", 0, 0), {}, "--num-processes must be >= 1, got 0"),
+        (("host:1", 2, 0, 0), {}, "--heartbeat-timeout must be >= 1 second, got 0"),
         (
             (None, None, None),
             {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "two"},
