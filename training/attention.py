@@ -99,7 +99,9 @@ def attention_figures(maps: dict) -> dict:
     _heatmap(axis, alignment, maps["target_pieces"], maps["source_pieces"])
     axis.set_xlabel("source")
     axis.set_ylabel("target (decoder input)")
-    axis.set_title("alignment: last layer's encoder-decoder attention, mean over heads")
+    axis.set_title(
+        "alignment: last layer's encoder-decoder attention,\nmean over heads", fontsize=10
+    )
     figure.tight_layout()
     figures["alignment"] = figure
     return figures
