@@ -124,42 +124,24 @@ def test_custom_bucket_boundaries_bound_batch_sizes(small_corpus, tokenizer):
         assert labels.shape[0] <= 1024 // bound
 
 
-def test_length_multiple_gives_fixed_shapes_and_keeps_every_pair(small_corpus, tokenizer):
+@pytest.mark.parametrize(
+    ("devices", "expected_shapes"),
+    [
+        (1, [(64, 16), (32, 32), (21, 48), (17, 60)]),
+        # Data parallel over 4 devices: rows rounded down to a multiple of 4 (Keras splits the
+        # global batch by rows); buckets hold fewer pairs per batch and still lose none.
+        (4, [(64, 16), (32, 32), (20, 48), (16, 60)]),
+    ],
+)
+def test_length_multiple_gives_fixed_shapes_and_keeps_every_pair(
+    small_corpus, tokenizer, devices, expected_shapes
+):
     # 60 is not a multiple of 16: the last bucket is capped there. With a multiple of 16 the
     # coarse bucket 8 becomes 16 too; left at 8, its batches (128 rows) would not fit the
     # 64 rows of shape 16 and lose pairs.
     max_length, multiple = 60, 16
-    shapes = batch_shapes(max_length, 1024, multiple)
-    assert shapes == [(64, 16), (32, 32), (21, 48), (17, 60)]
-    dataset = make_dataset(
-        small_corpus,
-        tokenizer,
-        batch_tokens=1024,
-        max_length=max_length,
-        seed=3,
-        length_multiple=multiple,
-    )
-    pairs, seen = collections.Counter(), set()
-    for features, labels in batches(dataset):
-        source, target = features["source_ids"], features["target_ids"]
-        assert source.shape == target.shape == labels.shape
-        assert source.shape in shapes
-        seen.add(source.shape)
-        real = (source != 0).any(axis=1)
-        # Rows added to fill the shape are padding only, on every side.
-        assert not (target[~real] != 0).any() and not (labels[~real] != 0).any()
-        for source_row, label_row in zip(rows(source[real]), rows(labels[real]), strict=True):
-            pairs[(source_row[:-1], label_row[:-1])] += 1
-    assert len(seen) > 1
-    assert pairs == expected_pairs(tokenizer, small_corpus, max_length)
-
-
-def test_rows_multiple_splits_every_batch_evenly_and_keeps_every_pair(small_corpus, tokenizer):
-    """Data parallel over 4 devices: every batch's rows divide by 4 (Keras splits the global
-    batch by rows), and no pair is lost although buckets now hold fewer pairs per batch."""
-    max_length, multiple, devices = 60, 16, 4
     shapes = batch_shapes(max_length, 1024, multiple, rows_multiple=devices)
-    assert shapes == [(64, 16), (32, 32), (20, 48), (16, 60)]
+    assert shapes == expected_shapes
     dataset = make_dataset(
         small_corpus,
         tokenizer,
@@ -169,13 +151,18 @@ def test_rows_multiple_splits_every_batch_evenly_and_keeps_every_pair(small_corp
         length_multiple=multiple,
         rows_multiple=devices,
     )
-    pairs = collections.Counter()
+    pairs, seen = collections.Counter(), set()
     for features, labels in batches(dataset):
-        source = features["source_ids"]
+        source, target = features["source_ids"], features["target_ids"]
+        assert source.shape == target.shape == labels.shape
         assert source.shape in shapes and source.shape[0] % devices == 0
+        seen.add(source.shape)
         real = (source != 0).any(axis=1)
+        # Rows added to fill the shape are padding only, on every side.
+        assert not (target[~real] != 0).any() and not (labels[~real] != 0).any()
         for source_row, label_row in zip(rows(source[real]), rows(labels[real]), strict=True):
             pairs[(source_row[:-1], label_row[:-1])] += 1
+    assert len(seen) > 1
     assert pairs == expected_pairs(tokenizer, small_corpus, max_length)
 
 
