@@ -165,13 +165,12 @@ class StepCheckpoints(UpdateCallback):
 
     def save(self, step):
         path = layout.step_checkpoint(self.model_dir, step)
-        if not self.writes:
-            distributed.save_weights(self.model, path, writes=False)
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        distributed.save_weights(self.model, path)
-        for _, old in layout.list_step_checkpoints(self.model_dir)[: -self.keep]:
-            old.unlink(missing_ok=True)
+        if self.writes:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        distributed.save_weights(self.model, path, writes=self.writes)
+        if self.writes:
+            for _, old in layout.list_step_checkpoints(self.model_dir)[: -self.keep]:
+                old.unlink(missing_ok=True)
 
 
 class BleuEvaluator(UpdateCallback):
@@ -180,8 +179,8 @@ class BleuEvaluator(UpdateCallback):
     `translator_factory(model)` gives the object whose `translate(sentences)` decodes them
     (`training.train` passes a greedy `Translator`); it is made at the first evaluation.
     Appends `{"step", "bleu", "signature", "sentences", "sources_sha1", "seconds"}` to
-    `bleu_history.jsonl`, saves `best.weights.h5`
-    when BLEU improves, and stops training after `patience` evaluations without a gain.
+    `bleu_history.jsonl`, saves `best.weights.h5` when BLEU improves, and stops training after
+    `patience` evaluations without a gain.
     """
 
     def __init__(

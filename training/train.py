@@ -134,7 +134,7 @@ def train(run_config: RunConfig, group: distributed.ProcessGroup | None = None) 
             flush=True,
         )
     if chief:
-        vocab_path = _prepare_vocab(run_config, model_dir, train_corpus)
+        _prepare_vocab(run_config, model_dir, train_corpus)
     distributed.barrier("vocabulary", group)
     vocab_path = model_dir / layout.VOCAB
     if not vocab_path.is_file():
