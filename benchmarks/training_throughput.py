@@ -1,14 +1,23 @@
-"""Training throughput (target tokens/s) of the `small` and `base` presets, fp32 and bf16.
+"""Training throughput against the plain Keras 3 reference, interleaved in one invocation.
 
-Each case compiles the model exactly as `training.train` does (label-smoothed loss, §5.3 Adam,
-accuracy and token-count metrics) and runs `model.fit` on fixed-shape batches of random ids
-(default 64 sentences x 24 tokens on both sides, no padding), so the numbers compare with a plain
-Keras model of the same shapes. The first epoch (tracing, warm-up) is not timed.
+For each preset the reference (`../shared/perf/cpu_train_anchor.py --impls keras-tf`: a plain
+Keras 3 Transformer, fp32) and our model alternate, reference/ours/reference/ours, on the same
+batch shape (small 64x24, base 32x32 tokens per side), with the same thread count and the same
+timing: the median of `train_on_batch` steps after untimed warm-up steps, each run in its own
+process. Ours is compiled by `training.train.compile_model`, exactly as a training run
+(label-smoothed loss, the paper's Adam schedule, accuracy and token-count metrics), in each
+precision mode of `--modes`. The ratio of a round is ours / the reference run just before it;
+the summary ratio is the median of ours over the median of the reference.
 
-    .venv/bin/python benchmarks/training_throughput.py
+`--pipeline` adds our model on the real pipeline: the recipe's token-budget batches of Multi30k
+(bucketed, padded, varying shapes), run with `model.fit` as training does, reported as real
+(non-padding) target tokens/s; the reference has no counterpart (it takes one fixed tensor).
 
-writes `benchmarks/results/training_throughput.json` and prints a markdown table. Each case
-runs in its own process, since the mixed-precision policy is global.
+    .venv/bin/python benchmarks/training_throughput.py --presets small,base --pipeline
+
+writes `benchmarks/results/training_throughput.json` and prints a markdown table. The machine
+is recorded (CPU flags that decide bf16 and oneDNN, whether TensorFlow runs oneDNN kernels):
+ratios mean something only between runs in the same invocation.
 """
 
 from __future__ import annotations
@@ -17,120 +26,324 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "training_throughput.json"
+ANCHOR = ROOT.parent / "shared" / "perf" / "cpu_train_anchor.py"
+RECIPE = ROOT / "training" / "configs" / "multi30k_en_de_small.yaml"
+# The reference's shapes (cpu_train_anchor.BATCH): sentences x tokens per side.
+SHAPES = {"small": (64, 24), "base": (32, 32), "tiny": (8, 16)}
 sys.path.insert(0, str(ROOT))
 
 from quiet_logs import add_verbose_argument, quiet_tensorflow  # noqa: E402
 
 
-def run_case(preset, policy, batch_size, length, steps, epochs):
-    """Trains `epochs` x `steps`; returns tokens/s of the epochs after the first."""
-    quiet_tensorflow()
-    import keras
-    import numpy as np
+def _threads(threads):
     import tensorflow as tf
 
-    from keras_transformer import (
-        MaskedLabelSmoothingLoss,
-        MaskedTokenAccuracy,
-        TransformerConfig,
-        build_transformer,
-        transformer_optimizer,
-    )
-    from training.callbacks import TokenCount
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+
+
+def _compiled_model(preset, mode, **config_overrides):
+    """Our model, compiled as `training.train` compiles it, under precision `mode`."""
+    import keras
+
+    from keras_transformer import TransformerConfig, build_transformer
+    from training.run_config import TrainConfig
+    from training.train import compile_model
 
     keras.utils.set_random_seed(0)
-    if policy != "float32":
-        keras.mixed_precision.set_global_policy(policy)
-    config = TransformerConfig.preset(preset)
+    if mode != "float32":
+        keras.mixed_precision.set_global_policy(mode)
+    config = TransformerConfig.preset(preset, **config_overrides)
     model = build_transformer(config)
-    model.compile(
-        optimizer=transformer_optimizer(config.d_model, warmup_steps=4000),
-        loss=MaskedLabelSmoothingLoss(config.label_smoothing),
-        metrics=[MaskedTokenAccuracy(), TokenCount()],
-    )
+    compile_model(model, config, TrainConfig(mixed_precision=None if mode == "float32" else mode))
+    return model, config
+
+
+def worker_fixed(preset, mode, steps, warmup, threads):
+    """Median step time of `train_on_batch` on one fixed random batch (the reference's harness)."""
+    _threads(threads)
+    import numpy as np
+
+    model, config = _compiled_model(preset, mode)
+    rows, length = SHAPES[preset]
     rng = np.random.default_rng(0)
-    ids = lambda: rng.integers(4, config.vocab_size, (batch_size, length)).astype("int32")  # noqa: E731
-    batch = ({"source_ids": ids(), "target_ids": ids()}, ids())
-    dataset = tf.data.Dataset.from_tensors(batch).repeat()
-
+    source = rng.integers(4, config.vocab_size, (rows, length)).astype("int32")
+    target = rng.integers(4, config.vocab_size, (rows, length + 1)).astype("int32")
+    inputs = {"source_ids": source, "target_ids": target[:, :-1]}
+    labels = target[:, 1:]
+    for _ in range(warmup):
+        model.train_on_batch(inputs, labels)
     times = []
-
-    class Timer(keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
-            self.start = time.perf_counter()
-
-        def on_epoch_end(self, epoch, logs=None):
-            times.append(time.perf_counter() - self.start)
-
-    # shuffle=False: Keras does not shuffle a tf.data.Dataset; shuffle=True only makes it warn.
-    model.fit(
-        dataset, epochs=epochs, steps_per_epoch=steps, callbacks=[Timer()], shuffle=False, verbose=0
-    )
-    timed = times[1:]
-    seconds_per_step = sum(timed) / (len(timed) * steps)
+    for _ in range(steps):
+        begin = time.perf_counter()
+        logs = model.train_on_batch(inputs, labels, return_dict=True)
+        float(logs["loss"])  # the step has finished
+        times.append(time.perf_counter() - begin)
+    median = statistics.median(times)
     return {
-        "preset": preset,
-        "policy": policy,
-        "batch": f"{batch_size} x {length}",
+        "step_s_median": median,
+        "step_s_min": min(times),
+        "step_s_max": max(times),
+        "timed_steps": steps,
+        "tgt_tokens_per_s": rows * length / median,
         "parameters": model.count_params(),
-        "seconds_per_step": seconds_per_step,
-        "target_tokens_per_second": batch_size * length / seconds_per_step,
-        "timed_steps": len(timed) * steps,
+    }
+
+
+def worker_pipeline(mode, batches, warmup, threads, vocab):
+    """Real Multi30k token-budget batches of the recipe, through `model.fit` as training runs.
+
+    The first `warmup` batches (one trace per new shape) are untimed; then `batches` batches
+    are timed, and real target tokens (labels that are not padding) and padded target
+    positions are counted from the batches themselves.
+    """
+    _threads(threads)
+    import keras
+    import numpy as np
+
+    from keras_transformer.translation.tokenizer import SubwordTokenizer
+    from training.corpus import corpus_from_config
+    from training.pipeline import make_dataset
+    from training.run_config import load_run_config
+    from training.train import _spec
+    from training.vocab import train_vocab
+
+    run_config = load_run_config([RECIPE])
+    data = run_config.data
+    # The recipe's paths are relative to the repository root, the workers' directory.
+    corpus = corpus_from_config(_spec(data.train), data.source_lang, data.target_lang)
+    with tempfile.TemporaryDirectory() as scratch:
+        if vocab is None:
+            vocab = Path(scratch) / "spm.model"
+            train_vocab(
+                corpus,
+                str(vocab.with_suffix("")),
+                vocab_size=data.vocab_size,
+                model_type=data.vocab_model_type,
+                seed=run_config.train.seed,
+            )
+        tokenizer = SubwordTokenizer(vocab)
+        dataset = make_dataset(
+            corpus,
+            tokenizer,
+            batch_tokens=data.batch_tokens,
+            max_length=data.max_length,
+            shuffle=True,
+            repeat=True,
+            seed=run_config.train.seed,
+            length_multiple=data.length_multiple,
+        )
+        stream = list(dataset.take(warmup + batches).as_numpy_iterator())
+        vocab_size = tokenizer.vocab_size
+    # Built after the batches are read: Keras' seeding resets TensorFlow's resources, the
+    # tokenizer's included.
+    model, _ = _compiled_model(run_config.model.preset, mode, vocab_size=vocab_size)
+    # Train on the untimed batches first (every trace the timed ones need happens there when
+    # their shapes repeat; a new shape in the timed part is traced inside the timing, as in a
+    # real run's first epoch).
+    warm = stream[:warmup]
+    timed = stream[warmup:]
+    model.fit(_generator(warm), steps_per_epoch=len(warm), epochs=1, verbose=0)
+    labels = np.concatenate([y.reshape(-1) for _, y in timed])
+    real = int((labels != 0).sum())
+    begin = time.perf_counter()
+    model.fit(_generator(timed), steps_per_epoch=len(timed), epochs=1, verbose=0)
+    seconds = time.perf_counter() - begin
+    shapes = sorted({tuple(y.shape) for _, y in timed})
+    return {
+        "batches": len(timed),
+        "seconds": seconds,
+        "real_target_tokens": real,
+        "padded_target_positions": int(labels.size),
+        "real_tgt_tokens_per_s": real / seconds,
+        "distinct_shapes": len(shapes),
+        "batch_tokens": data.batch_tokens,
+        "keras": keras.__version__,
+    }
+
+
+def _generator(batches):
+    import tensorflow as tf
+
+    signature = (
+        {
+            "source_ids": tf.TensorSpec([None, None], tf.int32),
+            "target_ids": tf.TensorSpec([None, None], tf.int32),
+        },
+        tf.TensorSpec([None, None], tf.int32),
+    )
+    return tf.data.Dataset.from_generator(lambda: iter(batches), output_signature=signature)
+
+
+def run_reference(preset, steps, warmup, threads, python):
+    """One run of the plain Keras reference; its result record."""
+    with tempfile.TemporaryDirectory() as scratch:
+        out = Path(scratch) / "anchor.json"
+        command = [
+            python, str(ANCHOR), "--shapes", preset, "--impls", "keras-tf",
+            "--steps", str(steps), "--warmup", str(warmup), "--threads", str(threads),
+            "--tf-python", python, "--out", str(out),
+        ]  # fmt: skip
+        subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT)
+        record = json.loads(out.read_text())["shapes"][preset]["impls"]["keras-tf"]
+    if "error" in record:
+        raise RuntimeError(f"the reference failed on {preset}: {record}")
+    return record
+
+
+def run_ours(args, *worker_args):
+    command = [sys.executable, __file__, "--worker", *map(str, worker_args)]
+    command += ["--threads", str(args.threads)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), CUDA_VISIBLE_DEVICES="")
+    output = subprocess.run(command, capture_output=True, text=True, check=False, env=env, cwd=ROOT)
+    if output.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{output.stderr[-3000:]}")
+    return json.loads(output.stdout.strip().splitlines()[-1])
+
+
+def machine():
+    """What decides the precision modes' speed here: CPU flags and TensorFlow's oneDNN."""
+    flags = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    probe = subprocess.run(
+        [sys.executable, "-c", "from tensorflow.python.util import _pywrap_util_port as p;"
+         "import tensorflow as tf; print(tf.__version__, p.IsMklEnabled())"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    version, onednn = (probe.stdout.split() + ["?", "?"])[:2]
+    return {
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "cpu_flags": sorted(f for f in flags if f.startswith(("avx512", "amx", "avx2", "fma"))),
+        "tensorflow": version,
+        "onednn_kernels": onednn == "True",
+        "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "unset (default)"),
     }
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", default="small,base")
-    parser.add_argument("--policies", default="float32,mixed_bfloat16")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--length", type=int, default=24)
-    parser.add_argument("--steps", type=int, default=20, help="steps per timed epoch")
-    parser.add_argument("--epochs", type=int, default=4, help="the first is warm-up")
-    parser.add_argument("--output", default=str(RESULTS))
-    parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--modes", default="float32", help="float32, mixed_bfloat16, ...")
+    parser.add_argument("--rounds", type=int, default=2, help="reference/ours pairs per preset")
+    parser.add_argument("--steps", default="small=20,base=10,tiny=5", help="timed steps")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--pipeline", action="store_true", help="also the real-batch case")
+    parser.add_argument("--pipeline-batches", type=int, default=40)
+    parser.add_argument("--pipeline-warmup", type=int, default=20)
+    parser.add_argument("--vocab", help="the pipeline's SentencePiece model (default: train one)")
+    parser.add_argument("--reference-python", default=sys.executable)
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--worker", nargs="*", help=argparse.SUPPRESS)
     add_verbose_argument(parser)
     args = parser.parse_args(argv)
-    if args.case:
-        preset, policy = args.case.split(":")
-        result = run_case(preset, policy, args.batch_size, args.length, args.steps, args.epochs)
+    steps = dict(item.split("=") for item in args.steps.split(","))
+
+    if args.worker is not None:
+        quiet_tensorflow()
+        kind, *rest = args.worker
+        if kind == "fixed":
+            preset, mode, n, warmup = rest
+            result = worker_fixed(preset, mode, int(n), int(warmup), args.threads)
+        else:
+            mode, n, warmup, vocab = rest
+            vocab = None if vocab == "-" else vocab
+            result = worker_pipeline(mode, int(n), int(warmup), args.threads, vocab)
         print(json.dumps(result))
         return 0
-    results = []
-    for preset in args.presets.split(","):
-        for policy in args.policies.split(","):
-            command = [sys.executable, __file__, "--case", f"{preset}:{policy}"]
-            command += ["--batch-size", str(args.batch_size), "--length", str(args.length)]
-            command += ["--steps", str(args.steps), "--epochs", str(args.epochs)]
-            output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-            results.append(json.loads(output.strip().splitlines()[-1]))
-            print(json.dumps(results[-1]), flush=True)
+
+    modes = args.modes.split(",")
     report = {
         "benchmark": "training_throughput",
         "command": "python benchmarks/training_throughput.py " + " ".join(argv or sys.argv[1:]),
-        "machine": {
-            "platform": platform.platform(),
-            "cpu_count": os.cpu_count(),
-            "load_average_at_end": os.getloadavg(),
-        },
-        "results": results,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "harness": "median train_on_batch step after warm-up, same shape and threads as the "
+        "reference, reference/ours alternating in this invocation",
+        "threads": args.threads,
+        "machine": machine(),
+        "presets": {},
     }
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
-    print("\n| preset | policy | batch | target tokens/s |\n|---|---|---|---:|")
-    for r in results:
-        print(
-            f"| {r['preset']} | {r['policy']} | {r['batch']} | "
-            f"{r['target_tokens_per_second']:,.0f} |"
-        )
+    for preset in args.presets.split(","):
+        n = int(steps[preset])
+        rounds = []
+        for index in range(args.rounds):
+            reference = run_reference(preset, n, args.warmup, args.threads, args.reference_python)
+            entry = {"reference": reference["tgt_tokens_per_s"], "ours": {}}
+            print(f"{preset} round {index}: reference {entry['reference']:,.0f}", flush=True)
+            for mode in modes:
+                ours = run_ours(args, "fixed", preset, mode, n, args.warmup)
+                entry["ours"][mode] = ours["tgt_tokens_per_s"]
+                print(f"{preset} round {index}: ours {mode} {ours['tgt_tokens_per_s']:,.0f}")
+            rounds.append(entry)
+        reference = statistics.median(r["reference"] for r in rounds)
+        summary = {}
+        for mode in modes:
+            ours = statistics.median(r["ours"][mode] for r in rounds)
+            summary[mode] = {
+                "tgt_tokens_per_s": ours,
+                "ratio": ours / reference,
+                "ratio_per_round": [r["ours"][mode] / r["reference"] for r in rounds],
+            }
+        report["presets"][preset] = {
+            "batch": "{} x {}".format(*SHAPES[preset]),
+            "timed_steps": n,
+            "rounds": rounds,
+            "reference_tgt_tokens_per_s": reference,
+            "ours": summary,
+        }
+    if args.pipeline:
+        report["pipeline"] = {}
+        for mode in modes:
+            vocab = args.vocab or "-"
+            result = run_ours(
+                args, "pipeline", mode, args.pipeline_batches, args.pipeline_warmup, vocab
+            )
+            report["pipeline"][mode] = result
+            print(f"pipeline {mode}: {result['real_tgt_tokens_per_s']:,.0f} real tokens/s")
+    report["load_average_at_end"] = os.getloadavg()
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    print()
+    print(markdown_table(report))
+    print(f"\nwrote {args.output}")
     return 0
+
+
+def markdown_table(report):
+    lines = [
+        "| preset | batch | mode | ours, target tokens/s | plain Keras fp32 | ratio (per round) |",
+        "|---|---|---|---:|---:|---|",
+    ]
+    for preset, entry in report["presets"].items():
+        for mode, ours in entry["ours"].items():
+            rounds = ", ".join(f"{r:.2f}" for r in ours["ratio_per_round"])
+            lines.append(
+                f"| {preset} | {entry['batch']} | {mode} | {ours['tgt_tokens_per_s']:,.0f} | "
+                f"{entry['reference_tgt_tokens_per_s']:,.0f} | **{ours['ratio']:.2f}x** "
+                f"({rounds}) |"
+            )
+    for mode, result in report.get("pipeline", {}).items():
+        lines.append(
+            f"| small, Multi30k batches | {result['batch_tokens']}-token budget, "
+            f"{result['distinct_shapes']} shapes | {mode} | "
+            f"{result['real_tgt_tokens_per_s']:,.0f} real | | |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

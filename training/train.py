@@ -21,6 +21,35 @@ def _spec(corpus) -> dict:
     return {"spec": corpus} if isinstance(corpus, str) else dict(corpus)
 
 
+def compile_model(model, config, opts):
+    """Compiles `model` for training as every run does (also what the training benchmark
+    times): label-smoothed loss, the paper's Adam schedule, token accuracy and a count of the
+    target tokens, which it returns (the progress log reads it)."""
+    from keras_transformer import (
+        MaskedLabelSmoothingLoss,
+        MaskedTokenAccuracy,
+        transformer_optimizer,
+    )
+    from training import callbacks as cb
+
+    optimizer = transformer_optimizer(
+        config.d_model,
+        warmup_steps=opts.warmup_steps,
+        scale=opts.learning_rate_scale,
+        gradient_accumulation_steps=(
+            opts.gradient_accumulation_steps if opts.gradient_accumulation_steps > 1 else None
+        ),
+    )
+    token_count = cb.TokenCount(config.pad_id)
+    model.compile(
+        optimizer=optimizer,
+        loss=MaskedLabelSmoothingLoss(config.label_smoothing, pad_id=config.pad_id),
+        metrics=[MaskedTokenAccuracy(pad_id=config.pad_id), token_count],
+        jit_compile=opts.jit_compile,
+    )
+    return token_count
+
+
 def _prepare_vocab(run_config: RunConfig, model_dir: Path, train_corpus) -> Path:
     """The run's SentencePiece model, in the model dir: copied from data.vocab or trained."""
     from training.vocab import train_vocab
@@ -97,10 +126,7 @@ def train(run_config: RunConfig, group: distributed.ProcessGroup | None = None) 
     import tensorflow as tf
 
     from keras_transformer import (
-        MaskedLabelSmoothingLoss,
-        MaskedTokenAccuracy,
         build_transformer,
-        transformer_optimizer,
     )
     from keras_transformer.translation.tokenizer import SubwordTokenizer, check_vocabulary
     from training import callbacks as cb
@@ -204,21 +230,7 @@ def train(run_config: RunConfig, group: distributed.ProcessGroup | None = None) 
     strategy = tf.distribute.MirroredStrategy() if mirrored else tf.distribute.get_strategy()
     with strategy.scope():
         model = build_transformer(config)
-        optimizer = transformer_optimizer(
-            config.d_model,
-            warmup_steps=opts.warmup_steps,
-            scale=opts.learning_rate_scale,
-            gradient_accumulation_steps=(
-                opts.gradient_accumulation_steps if opts.gradient_accumulation_steps > 1 else None
-            ),
-        )
-        token_count = cb.TokenCount(config.pad_id)
-        model.compile(
-            optimizer=optimizer,
-            loss=MaskedLabelSmoothingLoss(config.label_smoothing, pad_id=config.pad_id),
-            metrics=[MaskedTokenAccuracy(pad_id=config.pad_id), token_count],
-            jit_compile=opts.jit_compile,
-        )
+        token_count = compile_model(model, config, opts)
 
     # Steps are optimizer updates; Keras' own counters (fit's steps, BackupAndRestore's
     # save_freq, TensorBoard's update_freq) count batches, k per update under accumulation.
