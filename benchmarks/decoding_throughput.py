@@ -1,23 +1,26 @@
-"""Decoding throughput of greedy and beam search inside `tf.function`, against an uncached loop.
+"""Decoding throughput of the exported SavedModel against CTranslate2, interleaved in one run.
 
-Measures sentences/s and output tokens/s of the graphs a SavedModel would run: each decoder is a
-`tf.function` with a `[None, None]` int32 signature (dynamic batch and source length), traced
-once and warmed up before timing. The outputs have a fixed length (`ignore_eos=True`), so every
-engine and every decoder produces the same number of tokens. Random weights are fine for
-throughput: with a forced length the work does not depend on them.
+Every decoder produces exactly `--output-length` tokens per sentence from `--source-length`
+source tokens (the shape of `../shared/perf/cpu_decode_anchor.py`: 24 -> 32, small preset),
+greedy and beam 4, batch 1 and 32. Rounds alternate the reference, CTranslate2 fp32
+(`cpu_decode_anchor.py --impls ct2`, its own process), and ours (its own process), with the
+same thread count; each number is the median time of a decode call after warm-up, encoder
+included. The ratio of a round is ours / the CTranslate2 run just before it; the summary is
+the median of ours over the median of CTranslate2.
 
-    .venv/bin/python benchmarks/decoding_throughput.py
-
-writes `benchmarks/results/decoding_throughput.json` and prints a markdown table. With
-`--saved-model DIR` it also times the export's `greedy_ids`/`beam_ids` signatures (the graph TF
-Serving runs, without tokenization); export it with `--fixed-output-length 32` first:
+Ours is the export's `greedy_ids`/`beam_ids` signatures (the graphs TF Serving runs, without
+tokenization), loaded with `tf.saved_model.load`; export with a fixed output length first:
 
     .venv/bin/python -m serving.export --model-dir runs/multi30k_en_de_small \
         --output exports/bench/transformer/1 --fixed-output-length 32
+    .venv/bin/python benchmarks/decoding_throughput.py --saved-model exports/bench/transformer/1 \
+        --ct2-python /tmp/ct2env/bin/python
 
-The TensorFlow runtime's settings are recorded: `TF_ENABLE_ONEDNN_OPTS=1` switches on oneDNN
-kernels (off by default on CPUs without AVX-512, such as this machine's), which changes the
-speed of the same graph.
+(CTranslate2: `python3 -m venv /tmp/ct2env && /tmp/ct2env/bin/pip install
+"ctranslate2>=4.8,<4.9" numpy`.) `--in-process` adds the `Translator`'s decoders on random
+weights and the uncached loop. The JSON also holds the ops one decoding step runs in each
+exported signature (`serving.graph_ops.decoding_step_ops`): at batch 1 a step's cost is mostly
+dispatching them. Writes `benchmarks/results/decoding_throughput.json` and a markdown table.
 """
 
 from __future__ import annotations
@@ -132,15 +135,88 @@ def measure(decode, source_ids, output_length, repeats, min_seconds):
 
 def markdown_table(rows):
     lines = [
-        "| decoder | batch | sentences/s | tokens/s | ms/batch |",
-        "|---|---:|---:|---:|---:|",
+        "| decoder | batch | tokens/s | CTranslate2 fp32 | ratio (per round) |",
+        "|---|---:|---:|---:|---|",
     ]
     for row in rows:
+        reference, ratio = row.get("ct2_tokens_per_second"), row.get("ratio")
+        rounds = ", ".join(f"{r:.2f}" for r in row.get("ratio_per_round", []))
         lines.append(
-            f"| {row['decoder']} | {row['batch_size']} | {row['sentences_per_second']:.1f} "
-            f"| {row['tokens_per_second']:.0f} | {1000 * row['seconds_per_batch']:.1f} |"
+            f"| {row['decoder']} | {row['batch_size']} | {row['tokens_per_second']:,.0f} | "
+            + (f"{reference:,.0f} | **{ratio:.2f}x** ({rounds}) |" if ratio else "| |")
         )
     return "\n".join(lines)
+
+
+CT2_ANCHOR = Path(__file__).resolve().parents[2] / "shared" / "perf" / "cpu_decode_anchor.py"
+
+
+def measure_ours(args):
+    """Our decoders in this process: rows of `{"decoder", "batch_size", tokens/s, ...}`."""
+    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    keras.utils.set_random_seed(0)
+    config = TransformerConfig.preset(args.preset)
+    decoders = {}
+    if args.in_process:
+        model = build_transformer(config)
+        decoders.update(keras_decoders(model, args.output_length, args.beam_size))
+    if args.saved_model:
+        exported = exported_decoders(args.saved_model, args.output_length)
+        decoders.update({f"savedmodel_{name}": fn for name, fn in exported.items()})
+    if args.decoders:
+        decoders = {name: fn for name, fn in decoders.items() if name in args.decoders}
+    rows = []
+    for name, decode in decoders.items():
+        for batch_size in args.batch_sizes:
+            sources = source_batch(config, batch_size, args.source_length)
+            row = {"decoder": name, "batch_size": batch_size}
+            row.update(measure(decode, sources, args.output_length, args.repeats, args.min_seconds))
+            rows.append(row)
+    return rows
+
+
+def run_ct2(args):
+    """One CTranslate2 fp32 run of the anchor: `{"greedy_b1": tokens/s, "beam4_b32": ...}`."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        out = Path(scratch) / "ct2.json"
+        command = [
+            sys.executable, str(CT2_ANCHOR), "--shapes", args.preset, "--impls", "ct2",
+            "--ct2-python", args.ct2_python, "--ct2-compute-types", "float32",
+            "--batches", ",".join(map(str, args.batch_sizes)),
+            "--beams", f"1,{args.beam_size}", "--src-len", str(args.source_length),
+            "--tgt-len", str(args.output_length), "--threads", str(args.threads),
+            "--workdir", str(Path(scratch) / "work"), "--out", str(out),
+        ]  # fmt: skip
+        subprocess.run(command, check=True, capture_output=True, text=True)
+        record = json.loads(out.read_text())["shapes"][args.preset]
+    ct2 = record["impls"]["ct2"]
+    if "error" in ct2:
+        raise RuntimeError(f"CTranslate2 failed: {ct2}")
+    # The anchor names runs `float32_greedy_b1`, `float32_beam4_b32`.
+    return {key.removeprefix("float32_"): run["tokens_per_s"] for key, run in ct2["runs"].items()}
+
+
+def run_ours(args):
+    import subprocess
+
+    command = [sys.executable, __file__, "--worker", *args.forward]
+    output = subprocess.run(command, capture_output=True, text=True, check=False)
+    if output.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{output.stderr[-3000:]}")
+    return json.loads(output.stdout.strip().splitlines()[-1])
+
+
+def _reference_key(decoder, batch_size, beam_size):
+    """The CTranslate2 run a row of ours compares with, e.g. `beam4_b32`; None for none."""
+    kind = decoder.removeprefix("savedmodel_")
+    if kind == "greedy":
+        return f"greedy_b{batch_size}"
+    if kind == f"beam{beam_size}":
+        return f"beam{beam_size}_b{batch_size}"
+    return None
 
 
 def main(argv=None):
@@ -152,46 +228,80 @@ def main(argv=None):
     parser.add_argument("--beam-size", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--min-seconds", type=float, default=3.0)
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--decoders", nargs="*", help="subset of decoder names to run")
-    parser.add_argument("--saved-model", help="also measure this export (see exported_decoders)")
+    parser.add_argument("--saved-model", help="the export to time (see exported_decoders)")
+    parser.add_argument("--in-process", action="store_true", help="also the in-process decoders")
+    parser.add_argument("--rounds", type=int, default=2, help="CTranslate2/ours pairs")
+    parser.add_argument("--ct2-python", help="an interpreter with ctranslate2; none: no reference")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     add_verbose_argument(parser)
     args = parser.parse_args(argv)
-
-    keras.utils.set_random_seed(0)
-    config = TransformerConfig.preset(args.preset)
-    model = build_transformer(config)
-    decoders = keras_decoders(model, args.output_length, args.beam_size)
-    if args.saved_model:
-        exported = exported_decoders(args.saved_model, args.output_length)
-        decoders.update({f"savedmodel_{name}": fn for name, fn in exported.items()})
-    if args.decoders:
-        decoders = {name: fn for name, fn in decoders.items() if name in args.decoders}
+    if args.worker:
+        print(json.dumps(measure_ours(args)))
+        return
+    if not (args.saved_model or args.in_process):
+        parser.error("nothing to time: give --saved-model DIR and/or --in-process")
+    # The worker gets this invocation's arguments, minus what only the orchestrator uses.
+    args.forward = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--in-process"]
+    if args.in_process:
+        args.forward.append("--in-process")
 
     load_before = os.getloadavg()
-    rows = []
-    for name, decode in decoders.items():
-        for batch_size in args.batch_sizes:
-            sources = source_batch(config, batch_size, args.source_length)
-            row = {"decoder": name, "batch_size": batch_size}
-            row.update(measure(decode, sources, args.output_length, args.repeats, args.min_seconds))
+    rounds = []
+    for index in range(args.rounds):
+        entry = {"ct2_float32": run_ct2(args) if args.ct2_python else None}
+        entry["ours"] = run_ours(args)
+        for row in entry["ours"]:
+            key = _reference_key(row["decoder"], row["batch_size"], args.beam_size)
+            reference = (entry["ct2_float32"] or {}).get(key)
+            row["ct2_tokens_per_second"] = reference
+            row["ratio"] = row["tokens_per_second"] / reference if reference else None
             print(
-                f"{name} batch {batch_size}: {row['tokens_per_second']:.0f} tokens/s",
+                f"round {index}: {row['decoder']} batch {row['batch_size']}: "
+                f"{row['tokens_per_second']:.0f} tokens/s, CTranslate2 {reference}",
                 flush=True,
             )
-            rows.append(row)
+        rounds.append(entry)
+
+    summary = []
+    for position, first in enumerate(rounds[0]["ours"]):
+        ours = [r["ours"][position]["tokens_per_second"] for r in rounds]
+        references = [r["ours"][position]["ct2_tokens_per_second"] for r in rounds]
+        row = {"decoder": first["decoder"], "batch_size": first["batch_size"]}
+        row["tokens_per_second"] = statistics.median(ours)
+        row["sentences_per_second"] = row["tokens_per_second"] / args.output_length
+        row["seconds_per_batch"] = first["batch_size"] / row["sentences_per_second"]
+        if all(references):
+            row["ct2_tokens_per_second"] = statistics.median(references)
+            row["ratio"] = row["tokens_per_second"] / row["ct2_tokens_per_second"]
+            row["ratio_per_round"] = [o / r for o, r in zip(ours, references, strict=True)]
+        summary.append(row)
+
+    step_ops = {}
+    if args.saved_model:
+        from serving.graph_ops import decoding_step_ops
+
+        for signature in ("greedy_ids", "beam_ids"):
+            step_ops[signature] = decoding_step_ops(args.saved_model, signature)
 
     report = {
         "benchmark": "decoding_throughput",
+        "command": "python benchmarks/decoding_throughput.py "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "preset": args.preset,
-        "config": config.to_dict(),
-        "weights": "random (seed 0) for the in-process rows; the export's for savedmodel_*",
+        "saved_model": args.saved_model,
         "source_length": args.source_length,
         "output_length": args.output_length,
         "beam_size": args.beam_size,
-        "length_penalty_alpha": 0.6,
+        "threads": args.threads,
+        "reference": "CTranslate2 float32 (../shared/perf/cpu_decode_anchor.py --impls ct2), "
+        "random weights of the same shape, forced output length",
         "graph": "tf.function, input_signature [None, None] int32, no XLA",
-        "timing": f"median of >= {args.repeats} runs and >= {args.min_seconds} s after warmup",
+        "timing": f"median of >= {args.repeats} calls and >= {args.min_seconds} s after warmup",
+        "decoding_step_ops": step_ops,
         "machine": {
             "platform": platform.platform(),
             "processor": platform.processor(),
@@ -202,12 +312,15 @@ def main(argv=None):
             # Other processes on the machine skew timings; the load average says how much.
             "load_average_1min": {"before": load_before[0], "after": os.getloadavg()[0]},
         },
-        "results": rows,
+        "rounds": rounds,
+        "results": summary,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")
     print()
-    print(markdown_table(rows))
+    print(markdown_table(summary))
+    for signature, counted in step_ops.items():
+        print(f"{signature}: {counted['ops']} ops per decoding step ({counted['nodes']} nodes)")
     print(f"\nwrote {args.output}")
 
 

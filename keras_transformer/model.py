@@ -6,7 +6,11 @@ import keras
 from keras import ops
 
 from keras_transformer.config import TransformerConfig
-from keras_transformer.layers.attention_cache import cache_attention_mask, initial_ancestry
+from keras_transformer.layers.attention_cache import (
+    cache_attention_mask,
+    cache_row_offsets,
+    initial_ancestry,
+)
 from keras_transformer.layers.decoder_layer import TransformerDecoderLayer
 from keras_transformer.layers.encoder_layer import TransformerEncoderLayer
 from keras_transformer.layers.masks import padding_mask
@@ -225,7 +229,8 @@ class Transformer(keras.Model):
             `[batch, beams, max_length]`, see `attention_cache.reorder_ancestry`),
             `"cross_keys"`/`"cross_values"` (lists of `[batch, heads, source_length,
             head_dim]`), `"source_mask"`, and weights laid out for the step, prepared once:
-            `"self_attention_qkv"` (per layer, see `stacked_query_key_value`) and
+            `"self_attention_qkv"` (per layer, see `stacked_query_key_value`),
+            `"cache_row_offsets"` (`attention_cache.cache_row_offsets`) and
             `"output_kernel"` (`[d_model, vocab]`).
         """
         if isinstance(max_length, int) and max_length > self.config.max_length:
@@ -248,6 +253,9 @@ class Transformer(keras.Model):
             layer.self_attention.stacked_query_key_value() for layer in self.decoder_layers
         ]
         state["ancestry"] = initial_ancestry(batch, beams, max_length)
+        state["cache_row_offsets"] = cache_row_offsets(
+            batch, self.config.num_heads, max_length, beams
+        )
         state["source_mask"] = source_mask
         state["output_kernel"] = ops.cast(self.output_kernel(), memory.dtype)
         return state
@@ -290,6 +298,7 @@ class Transformer(keras.Model):
                 beams=beams,
                 qkv=state["self_attention_qkv"][i],
                 in_place=in_place,
+                row_offsets=state.get("cache_row_offsets"),
             )
             key_caches.append(key_cache)
             value_caches.append(value_cache)

@@ -45,3 +45,74 @@ def saved_model_ops(saved_model_dir: str | Path) -> set[str]:
 
 def disallowed_ops(saved_model_dir: str | Path) -> list[str]:
     return sorted(saved_model_ops(saved_model_dir) - ALLOWED_OPS)
+
+
+# Nodes that run no kernel work worth counting: constants, pass-throughs and control edges.
+_TRIVIAL = frozenset({"Const", "Identity", "IdentityN", "NoOp"})
+_CALLS = frozenset({"PartitionedCall", "StatefulPartitionedCall"})
+
+
+def decoding_step_ops(saved_model_dir: str | Path, signature: str) -> dict:
+    """The ops one decoding step runs in an exported signature: the body of its decoding loop.
+
+    The loop is the largest `While` reachable from the signature's function; its body is
+    counted with the functions it calls inlined (TensorFlow inlines them before it runs the
+    graph), each `If` counted with both branches. Returns `{"ops": count of nodes that run a
+    kernel (not Const/Identity/NoOp), "nodes": all nodes, "by_type": {op: count}}`; at batch
+    1 a step costs about `ops` kernel dispatches, which is where its time goes.
+    """
+    from collections import Counter
+
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    saved_model = saved_model_pb2.SavedModel()
+    saved_model.ParseFromString((Path(saved_model_dir) / "saved_model.pb").read_bytes())
+    graph = saved_model.meta_graphs[0]
+    functions = {f.signature.name: f for f in graph.graph_def.library.function}
+    if signature not in graph.signature_def:
+        raise KeyError(
+            f"{saved_model_dir} has no signature {signature!r}; it has "
+            f"{sorted(graph.signature_def)}"
+        )
+    output = next(iter(graph.signature_def[signature].outputs.values())).name.split(":")[0]
+    node = next(n for n in graph.graph_def.node if n.name == output)
+
+    def called(node):
+        names = [v.func.name for v in node.attr.values() if v.HasField("func")]
+        names += [f.name for v in node.attr.values() if v.HasField("list") for f in v.list.func]
+        return [name for name in names if name in functions]
+
+    def flatten(names):
+        """Every node of these functions, calls inlined, `While` bodies kept as `While` nodes."""
+        nodes = []
+        for name in names:
+            for inner in functions[name].node_def:
+                if inner.op in _CALLS or inner.op in ("If", "StatelessIf"):
+                    nodes.extend(flatten(called(inner)))
+                    if inner.op.endswith("If"):
+                        nodes.append(inner)
+                else:
+                    nodes.append(inner)
+        return nodes
+
+    loops = []
+    pending = called(node)
+    while pending:
+        nodes = flatten(pending)
+        pending = []
+        for inner in nodes:
+            if inner.op in ("While", "StatelessWhile"):
+                body = flatten([inner.attr["body"].func.name])
+                loops.append(body)
+                pending.extend(
+                    n.attr["body"].func.name for n in body if n.op in ("While", "StatelessWhile")
+                )
+    if not loops:
+        raise ValueError(f"signature {signature!r} of {saved_model_dir} has no decoding loop")
+    body = max(loops, key=len)
+    by_type = Counter(n.op for n in body)
+    return {
+        "ops": sum(count for op, count in by_type.items() if op not in _TRIVIAL),
+        "nodes": len(body),
+        "by_type": dict(by_type.most_common()),
+    }

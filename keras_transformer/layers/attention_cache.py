@@ -38,7 +38,21 @@ def empty_cache(
     return ops.zeros(shape, dtype=dtype)
 
 
-def write_cache(cache, update, index, beams=1, in_place=False):
+def cache_row_offsets(batch_size, num_heads, max_length, beams=1):
+    """Int32 `[batch_size * beams * num_heads]`: the flat cache row of position 0 for each row
+    of a step's update (rows in (sentence, slot, head) order, as the projections give them).
+
+    A step writes row `offset + index`. The offsets depend only on the shapes, so a search
+    computes them once (`Transformer.init_decoder_state`) rather than in every layer's write
+    at every step, which were a dozen index ops per write.
+    """
+    order = ops.arange(batch_size * beams * num_heads, dtype="int32")
+    sentence, rest = order // (beams * num_heads), order % (beams * num_heads)
+    slot, head = rest // num_heads, rest % num_heads
+    return ((sentence * num_heads + head) * beams + slot) * ops.cast(max_length, "int32")
+
+
+def write_cache(cache, update, index, beams=1, in_place=False, row_offsets=None):
     """Writes `update` at position `index` of every slot.
 
     Args:
@@ -49,20 +63,17 @@ def write_cache(cache, update, index, beams=1, in_place=False):
         beams: slots per sentence.
         in_place: write into `cache`'s buffer where the backend allows it (TensorFlow inside a
             graph, a cache from `empty_cache(..., in_place=True)`): `cache` itself changes.
+        row_offsets: `cache_row_offsets(...)` for this cache's shape, if the caller has them.
 
     Returns:
         The cache with the step written.
     """
     shape = ops.shape(cache)
-    heads, head_dim = shape[1], shape[3]
-    max_length = shape[2] // beams
+    head_dim = shape[3]
     update = ops.reshape(update, (-1, head_dim))
-    # Update row (sentence i, slot k, head h) goes to flat cache row
-    # ((i * heads + h) * beams + k) * max_length + index: no transpose of the update.
-    order = ops.arange(ops.shape(update)[0], dtype="int32")
-    sentence, rest = order // (beams * heads), order % (beams * heads)
-    slot, head = rest // heads, rest % heads
-    flat_rows = ((sentence * heads + head) * beams + slot) * max_length + ops.cast(index, "int32")
+    if row_offsets is None:
+        row_offsets = cache_row_offsets(shape[0], shape[1], shape[2] // beams, beams)
+    flat_rows = row_offsets + ops.cast(index, "int32")
     flat = ops.reshape(cache, (-1, head_dim))
     if in_place and cache_writes_tf.available():
         written = cache_writes_tf.write_rows_in_place(flat, flat_rows, update)

@@ -109,6 +109,7 @@ class TransformerDecoderLayer(TransformerLayerBase):
         beams=1,
         qkv=None,
         in_place=False,
+        row_offsets=None,
     ):
         """Decodes one position.
 
@@ -127,6 +128,8 @@ class TransformerDecoderLayer(TransformerLayerBase):
                 (computed here when `None`).
             in_place: write the caches in their own buffers (see
                 `attention_cache.write_cache`); by default the caches given are unchanged.
+            row_offsets: `attention_cache.cache_row_offsets` for the caches, prepared once per
+                search (computed here when `None`).
 
         Returns:
             `(outputs [batch * beams, 1, model_dim], key_cache, value_cache)`.
@@ -141,6 +144,7 @@ class TransformerDecoderLayer(TransformerLayerBase):
             beams,
             qkv=qkv,
             in_place=in_place,
+            row_offsets=row_offsets,
         )
         x = block(inputs, attended)
         block = self.cross_attention_block

@@ -272,6 +272,7 @@ class MultiHeadAttention(keras.layers.Layer):
         beams=1,
         qkv=None,
         in_place=False,
+        row_offsets=None,
     ):
         """Causal self-attention for one decoding step, writing into a preallocated cache.
 
@@ -289,6 +290,8 @@ class MultiHeadAttention(keras.layers.Layer):
                 three projections.
             in_place: write the caches in their own buffers (`attention_cache.write_cache`);
                 by default the caches given are left unchanged.
+            row_offsets: `attention_cache.cache_row_offsets` for the caches, prepared once
+                per search; `None` computes them.
 
         Returns:
             `(output [batch * beams, 1, model_dim], key_cache, value_cache)` with this step
@@ -307,8 +310,10 @@ class MultiHeadAttention(keras.layers.Layer):
             projected = ops.reshape(projected, (-1, 3, self.num_heads, self.key_dim))
             step_query, step_key, step_value = projected[:, 0], projected[:, 1], projected[:, 2]
         # Keys/values: the rows of (sentence, slot, head) in order.
-        key_cache = write_cache(key_cache, step_key, cache_index, beams, in_place)
-        value_cache = write_cache(value_cache, step_value, cache_index, beams, in_place)
+        key_cache = write_cache(key_cache, step_key, cache_index, beams, in_place, row_offsets)
+        value_cache = write_cache(
+            value_cache, step_value, cache_index, beams, in_place, row_offsets
+        )
         rows = ops.reshape(step_query, (-1, beams, self.num_heads, self.key_dim))
         output = self.attend_projected_rows(rows, key_cache, value_cache, attention_mask)
         return ops.reshape(output, (-1, 1, model_dim)), key_cache, value_cache
