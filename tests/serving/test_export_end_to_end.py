@@ -14,7 +14,7 @@ from tiny_run import SETTINGS, tiny_export, tiny_model_dir
 from keras_transformer.translation import model_dir as layout
 from serving.client import TranslationClient
 from serving.export import export
-from serving.graph_ops import ALLOWED_OPS, saved_model_ops
+from serving.graph_ops import ALLOWED_OPS, decoding_step_ops, saved_model_ops
 from serving.model_config import make_model_server_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -65,6 +65,21 @@ def test_every_op_is_core_tensorflow_or_sentencepiece(exported):
     assert {"SentencepieceTokenizeOp", "SentencepieceDetokenizeOp", "While"} <= ops
     assert not ops - ALLOWED_OPS, sorted(ops - ALLOWED_OPS)
     assert not {"PyFunc", "EagerPyFunc", "XlaDynamicUpdateSlice"} & ops
+
+
+# Kernels one decoding step of the tiny export runs (2 decoder layers), as counted when the
+# cache write rows became once-per-search offsets; at batch 1 a step's time is mostly their
+# dispatch, so a change that adds ops to the loop body must say so here.
+STEP_OPS = {"greedy_ids": GREEDY_BUDGET, "beam_ids": BEAM_BUDGET}
+
+
+def test_a_decoding_step_runs_no_more_ops_than_counted(exported):
+    for signature, budget in STEP_OPS.items():
+        counted = decoding_step_ops(exported[1], signature)
+        assert 0 < counted["ops"] <= budget, (signature, counted["ops"], counted["by_type"])
+        assert counted["by_type"].get("MatMul", 0) >= 4  # the loop body really is a step
+    with pytest.raises(KeyError, match="no signature 'nope'"):
+        decoding_step_ops(exported[1], "nope")
 
 
 def test_export_layout_and_refusals(exported, trained_run):
