@@ -230,6 +230,7 @@ class Transformer(keras.Model):
             `"cross_keys"`/`"cross_values"` (lists of `[batch, heads, source_length,
             head_dim]`), `"source_mask"`, and weights laid out for the step, prepared once:
             `"self_attention_qkv"` (per layer, see `stacked_query_key_value`),
+            `"step_weights"` (per layer, see `TransformerDecoderLayer.step_weights`),
             `"cache_row_offsets"` (`attention_cache.cache_row_offsets`) and
             `"output_kernel"` (`[d_model, vocab]`).
         """
@@ -252,6 +253,7 @@ class Transformer(keras.Model):
         state["self_attention_qkv"] = [
             layer.self_attention.stacked_query_key_value() for layer in self.decoder_layers
         ]
+        state["step_weights"] = [layer.step_weights() for layer in self.decoder_layers]
         state["ancestry"] = initial_ancestry(batch, beams, max_length)
         state["cache_row_offsets"] = cache_row_offsets(
             batch, self.config.num_heads, max_length, beams
@@ -299,6 +301,7 @@ class Transformer(keras.Model):
                 qkv=state["self_attention_qkv"][i],
                 in_place=in_place,
                 row_offsets=state.get("cache_row_offsets"),
+                step_weights=state["step_weights"][i] if "step_weights" in state else None,
             )
             key_caches.append(key_cache)
             value_caches.append(value_cache)

@@ -110,6 +110,7 @@ class TransformerDecoderLayer(TransformerLayerBase):
         qkv=None,
         in_place=False,
         row_offsets=None,
+        step_weights=None,
     ):
         """Decodes one position.
 
@@ -130,6 +131,8 @@ class TransformerDecoderLayer(TransformerLayerBase):
                 `attention_cache.write_cache`); by default the caches given are unchanged.
             row_offsets: `attention_cache.cache_row_offsets` for the caches, prepared once per
                 search (computed here when `None`).
+            step_weights: `self.step_weights()`, prepared once per search; `None` calls the
+                layers.
 
         Returns:
             `(outputs [batch * beams, 1, model_dim], key_cache, value_cache)`.
@@ -145,12 +148,35 @@ class TransformerDecoderLayer(TransformerLayerBase):
             qkv=qkv,
             in_place=in_place,
             row_offsets=row_offsets,
+            step_weights=None if step_weights is None else step_weights["self_attention"],
         )
         x = block(inputs, attended)
         block = self.cross_attention_block
-        # [batch * beams, 1, d] -> [batch, beams, d]: the beams act as query positions.
-        query = ops.reshape(block.normalize_input(x), (-1, beams, self.model_dim))
         mask = None if memory_padding_mask is None else memory_padding_mask[:, None, None, :]
-        attended = self.cross_attention.attend_rows(query, cross_key, cross_value, mask)
+        if step_weights is None or step_weights["cross_attention"] is None:
+            # [batch * beams, 1, d] -> [batch, beams, d]: the beams act as query positions.
+            query = ops.reshape(block.normalize_input(x), (-1, beams, self.model_dim))
+            attended = self.cross_attention.attend_rows(query, cross_key, cross_value, mask)
+        else:
+            weights = step_weights["cross_attention"]
+            attention = self.cross_attention
+            query = attention.query_rows(block.normalize_input(x), weights)
+            query = ops.reshape(query, (-1, beams, attention.num_heads, attention.key_dim))
+            attended = attention.attend_projected_rows(query, cross_key, cross_value, mask, weights)
         x = block(x, ops.reshape(attended, (-1, 1, self.model_dim)))
-        return self._feed_forward(x), key_cache, value_cache
+        if step_weights is None or step_weights["feed_forward"] is None:
+            return self._feed_forward(x), key_cache, value_cache
+        block = self.feed_forward_block
+        rows = ops.reshape(block.normalize_input(x), (-1, self.model_dim))
+        transformed = self.feed_forward.call_rows(rows, step_weights["feed_forward"])
+        return block(x, ops.reshape(transformed, (-1, 1, self.model_dim))), key_cache, value_cache
+
+    def step_weights(self):
+        """The sub-layers' weights laid out for decoding steps, read once per search: the
+        self- and cross-attention projections and the feed-forward network (each `None`
+        where LoRA or quantization keeps the layer's own computation)."""
+        return {
+            "self_attention": self.self_attention.step_weights(),
+            "cross_attention": self.cross_attention.step_weights(),
+            "feed_forward": self.feed_forward.step_weights(),
+        }

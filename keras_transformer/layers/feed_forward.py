@@ -1,6 +1,7 @@
 """Position-wise feed-forward network (§3.3)."""
 
 import keras
+from keras import ops
 
 
 @keras.saving.register_keras_serializable(package="keras_transformer")
@@ -62,6 +63,28 @@ class PositionwiseFeedForward(keras.layers.Layer):
     def call(self, inputs, training=None):
         hidden = self.dropout_layer(self.inner_dense(inputs), training=training)
         return self.output_dense(hidden)
+
+    def step_weights(self):
+        """Both layers' `(kernel, bias)`, read once per decoding search (see
+        `MultiHeadAttention.step_weights`); `None` under LoRA or quantization."""
+        layers = (self.inner_dense, self.output_dense)
+        if any(layer.lora_enabled or layer.quantization_mode is not None for layer in layers):
+            return None
+        return [
+            (ops.convert_to_tensor(layer.kernel), ops.convert_to_tensor(layer.bias))
+            for layer in layers
+        ]
+
+    def call_rows(self, inputs, step_weights):
+        """Inference on `[rows, model_dim]` with `step_weights()`: two 2-D products."""
+        (inner, inner_bias), (outer, outer_bias) = step_weights
+        hidden = ops.matmul(inputs, ops.cast(inner, inputs.dtype)) + ops.cast(
+            inner_bias, inputs.dtype
+        )
+        hidden = self.inner_dense.activation(hidden)
+        return ops.matmul(hidden, ops.cast(outer, inputs.dtype)) + ops.cast(
+            outer_bias, inputs.dtype
+        )
 
     def compute_output_shape(self, inputs_shape):
         return inputs_shape

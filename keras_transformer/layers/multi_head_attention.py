@@ -213,10 +213,40 @@ class MultiHeadAttention(keras.layers.Layer):
         """
         return self.attend_projected_rows(self.query_dense(query), key, value, attention_mask)
 
-    def attend_projected_rows(self, query, key, value, attention_mask=None):
-        """`attend_rows` for a query already projected to `[batch, rows, heads, head_dim]`."""
+    def attend_projected_rows(self, query, key, value, attention_mask=None, step_weights=None):
+        """`attend_rows` for a query already projected to `[batch, rows, heads, head_dim]`.
+
+        With `step_weights` (`self.step_weights()`), the output projection is a 2-D product
+        of weights read once per search, and the result is `[batch * rows, model_dim]`.
+        """
         context, _ = self._attention(query, key, value, attention_mask, rows=True)
-        return self.output_dense(context)
+        if step_weights is None:
+            return self.output_dense(context)
+        return _matmul_2d(context, step_weights["output"], self.num_heads * self.key_dim)
+
+    def step_weights(self):
+        """The query and output projections as 2-D matrices for decoding steps:
+        `{"query": (kernel [d, h * d_k], bias), "output": (kernel [h * d_k, d], bias)}`.
+
+        A search prepares them once (`Transformer.init_decoder_state`): inside its loop, a
+        projection layer would read its variables and reshape around a tensordot at every
+        step, a dozen small ops each, which at batch 1 cost about as much as the product.
+        The products are the ones the tensordot runs (the same 2-D matrices), so outputs are
+        unchanged. `None` when a projection has LoRA enabled or is quantized.
+        """
+        layers = (self.query_dense, self.output_dense)
+        if any(p.lora_enabled or p.quantization_mode is not None for p in layers):
+            return None
+        width = self.num_heads * self.key_dim
+        return {
+            "query": _dense_matrices(self.query_dense, (-1, width)),
+            "output": _dense_matrices(self.output_dense, (width, -1)),
+        }
+
+    def query_rows(self, query, step_weights):
+        """`query [rows, model_dim]` projected with `step_weights()` to `[rows, heads, d_k]`."""
+        projected = _matmul_2d(query, step_weights["query"], query.shape[-1])
+        return ops.reshape(projected, (-1, self.num_heads, self.key_dim))
 
     def _attention(self, query, key, value, attention_mask, training=None, rows=False):
         """The attention core every path shares: scale, scores, mask, softmax, dropout, context.
@@ -273,6 +303,7 @@ class MultiHeadAttention(keras.layers.Layer):
         qkv=None,
         in_place=False,
         row_offsets=None,
+        step_weights=None,
     ):
         """Causal self-attention for one decoding step, writing into a preallocated cache.
 
@@ -292,6 +323,8 @@ class MultiHeadAttention(keras.layers.Layer):
                 by default the caches given are left unchanged.
             row_offsets: `attention_cache.cache_row_offsets` for the caches, prepared once
                 per search; `None` computes them.
+            step_weights: `step_weights()`, prepared once per search; `None` calls the
+                output projection layer.
 
         Returns:
             `(output [batch * beams, 1, model_dim], key_cache, value_cache)` with this step
@@ -315,7 +348,9 @@ class MultiHeadAttention(keras.layers.Layer):
             value_cache, step_value, cache_index, beams, in_place, row_offsets
         )
         rows = ops.reshape(step_query, (-1, beams, self.num_heads, self.key_dim))
-        output = self.attend_projected_rows(rows, key_cache, value_cache, attention_mask)
+        output = self.attend_projected_rows(
+            rows, key_cache, value_cache, attention_mask, step_weights
+        )
         return ops.reshape(output, (-1, 1, model_dim)), key_cache, value_cache
 
     def stacked_query_key_value(self):
@@ -353,6 +388,21 @@ class MultiHeadAttention(keras.layers.Layer):
             kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
         )
         return config
+
+
+def _dense_matrices(layer, kernel_shape):
+    """`(kernel, bias)` of a projection as a 2-D matrix and a vector (bias `None` if none)."""
+    kernel = ops.reshape(ops.convert_to_tensor(layer.kernel), kernel_shape)
+    bias = None if layer.bias is None else ops.reshape(ops.convert_to_tensor(layer.bias), (-1,))
+    return kernel, bias
+
+
+def _matmul_2d(x, weights, width):
+    """`x [..., width]` times a `(kernel, bias)` pair, as one 2-D product: `[rows, out]`."""
+    kernel, bias = weights
+    x = ops.reshape(x, (-1, width))
+    y = ops.matmul(x, ops.cast(kernel, x.dtype))
+    return y if bias is None else y + ops.cast(bias, x.dtype)
 
 
 def _rowwise_products(rows, matrix, transpose):
