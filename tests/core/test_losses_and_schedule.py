@@ -187,3 +187,40 @@ def test_mirrored_strategy_reports_the_formula():
     assert report["replicas"] == 2
     assert report["evaluate"] == pytest.approx(expected, rel=1e-6)
     assert report["fit"] == pytest.approx(expected, rel=1e-6)
+
+
+GRADIENT_SCRIPT = """
+import json, sys
+import numpy as np
+import keras
+from keras_transformer import MaskedLabelSmoothingLoss
+batch = json.loads(sys.argv[1])
+logits, labels = np.array(batch["logits"], "float32"), np.array(batch["labels"], "int32")
+loss = MaskedLabelSmoothingLoss(label_smoothing=0.1)
+if keras.config.backend() == "jax":
+    import jax
+    gradient = jax.jit(jax.grad(lambda z: loss(labels, z)))(logits)
+else:
+    import tensorflow as tf
+    z = tf.constant(logits)
+    with tf.GradientTape() as tape:
+        tape.watch(z)
+        value = loss(labels, z)
+    gradient = tape.gradient(value, z)
+print(json.dumps({"gradient": np.asarray(gradient).tolist()}))
+"""
+
+
+@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+def test_loss_gradient_is_softmax_minus_the_smoothed_target_over_real_tokens(backend):
+    """The loss's hand-written gradient (`label_smoothed_token_losses`) against the formula:
+    `(softmax(z) - (1 - eps) one_hot(y) - eps / V) / real tokens` at real tokens, 0 at padding."""
+    labels, logits = _padded_batch()
+    batch = json.dumps({"logits": logits.tolist(), "labels": labels.tolist()})
+    gradient = np.array(run_script(GRADIENT_SCRIPT, batch, backend=backend)["gradient"])
+    vocab, mask = logits.shape[-1], labels != 0
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    target = 0.9 * np.eye(vocab)[labels] + 0.1 / vocab
+    expected = (probs - target) * mask[..., None] / mask.sum()
+    np.testing.assert_allclose(gradient, expected, atol=1e-6)
