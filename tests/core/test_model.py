@@ -115,7 +115,9 @@ def test_overfits_the_copy_task_with_fit():
     model = build_transformer(config)
     _compile(model, config)
     x, y = copy_task_batch(config, 2048, seed=0)
-    model.fit(x, y, batch_size=32, epochs=10, verbose=0)
+    # 14 epochs: at 10 the result sat near the bar (0.92-0.97 between runs whose losses differ
+    # only by float rounding, which Adam turns into different steps for zero-gradient biases).
+    model.fit(x, y, batch_size=32, epochs=14, verbose=0)
     x_test, y_test = copy_task_batch(config, 256, seed=1)
     _, accuracy = model.evaluate(x_test, y_test, verbose=0)
     assert accuracy > 0.97, accuracy
