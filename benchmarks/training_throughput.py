@@ -23,6 +23,7 @@ ratios mean something only between runs in the same invocation.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -111,36 +112,20 @@ def worker_pipeline(mode, batches, warmup, threads, vocab):
 
     from keras_transformer.translation.tokenizer import SubwordTokenizer
     from training.corpus import corpus_from_config
-    from training.pipeline import make_dataset
     from training.run_config import load_run_config
-    from training.train import _spec
-    from training.vocab import train_vocab
+    from training.train import _prepare_vocab, _spec, training_dataset
 
     run_config = load_run_config([RECIPE])
     data = run_config.data
     # The recipe's paths are relative to the repository root, the workers' directory.
     corpus = corpus_from_config(_spec(data.train), data.source_lang, data.target_lang)
     with tempfile.TemporaryDirectory() as scratch:
-        if vocab is None:
-            vocab = Path(scratch) / "spm.model"
-            train_vocab(
-                corpus,
-                str(vocab.with_suffix("")),
-                vocab_size=data.vocab_size,
-                model_type=data.vocab_model_type,
-                seed=run_config.train.seed,
-            )
-        tokenizer = SubwordTokenizer(vocab)
-        dataset = make_dataset(
-            corpus,
-            tokenizer,
-            batch_tokens=data.batch_tokens,
-            max_length=data.max_length,
-            shuffle=True,
-            repeat=True,
-            seed=run_config.train.seed,
-            length_multiple=data.length_multiple,
+        # The run's own vocabulary step: copies `vocab` (as data.vocab) or trains one.
+        run_config = dataclasses.replace(
+            run_config, data=dataclasses.replace(run_config.data, vocab=vocab)
         )
+        tokenizer = SubwordTokenizer(_prepare_vocab(run_config, Path(scratch), corpus))
+        dataset = training_dataset(run_config, corpus, tokenizer)
         stream = list(dataset.take(warmup + batches).as_numpy_iterator())
         vocab_size = tokenizer.vocab_size
     # Built after the batches are read: Keras' seeding resets TensorFlow's resources, the

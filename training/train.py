@@ -50,6 +50,27 @@ def compile_model(model, config, opts):
     return token_count
 
 
+def training_dataset(run_config: RunConfig, corpus, tokenizer, rows_multiple: int = 1):
+    """The run's training batches (token budget, buckets, shuffled, repeated), as every run and
+    the training benchmark's real-batch case build them."""
+    from training.pipeline import make_dataset
+
+    data = run_config.data
+    return make_dataset(
+        corpus,
+        tokenizer,
+        batch_tokens=data.batch_tokens,
+        max_length=data.max_length,
+        shuffle=True,
+        shuffle_buffer=data.shuffle_buffer,
+        repeat=True,
+        seed=run_config.train.seed,
+        cache=data.cache,
+        length_multiple=data.length_multiple,
+        rows_multiple=rows_multiple,
+    )
+
+
 def _prepare_vocab(run_config: RunConfig, model_dir: Path, train_corpus) -> Path:
     """The run's SentencePiece model, in the model dir: copied from data.vocab or trained."""
     from training.vocab import train_vocab
@@ -131,7 +152,7 @@ def train(run_config: RunConfig, group: distributed.ProcessGroup | None = None) 
     from keras_transformer.translation.tokenizer import SubwordTokenizer, check_vocabulary
     from training import callbacks as cb
     from training.corpus import corpus_from_config
-    from training.pipeline import batch_shapes, make_dataset
+    from training.pipeline import batch_shapes
 
     data, opts = run_config.data, run_config.train
     model_dir = Path(opts.model_dir)
@@ -194,19 +215,7 @@ def train(run_config: RunConfig, group: distributed.ProcessGroup | None = None) 
         run_config.decode.to_json(model_dir / layout.DECODE_SETTINGS)
         dump_run_config(run_config, model_dir / layout.RUN_CONFIG)
 
-    dataset = make_dataset(
-        train_corpus,
-        tokenizer,
-        batch_tokens=data.batch_tokens,
-        max_length=data.max_length,
-        shuffle=True,
-        shuffle_buffer=data.shuffle_buffer,
-        repeat=True,
-        seed=opts.seed,
-        cache=data.cache,
-        length_multiple=data.length_multiple,
-        rows_multiple=devices,
-    )
+    dataset = training_dataset(run_config, train_corpus, tokenizer, rows_multiple=devices)
     # Every process builds the same global batches and feeds its own rows of each.
     dataset = distributed.process_rows(dataset, group)
     if data.length_multiple is not None:
