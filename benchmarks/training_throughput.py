@@ -99,8 +99,11 @@ def worker_fixed(preset, mode, steps, warmup, threads):
     }
 
 
-def worker_pipeline(mode, batches, warmup, threads, vocab):
+def worker_pipeline(mode, batches, warmup, threads, vocab, length_multiple="recipe"):
     """Real Multi30k token-budget batches of the recipe, through `model.fit` as training runs.
+
+    `length_multiple`: the recipe's `data.length_multiple` (`"recipe"`) or another value
+    (`"auto"`, `"null"` or a number), resolved as a run resolves it.
 
     The first `warmup` batches (one trace per new shape) are untimed; then `batches` batches
     are timed, and real target tokens (labels that are not padding) and padded target
@@ -113,9 +116,15 @@ def worker_pipeline(mode, batches, warmup, threads, vocab):
     from keras_transformer.translation.tokenizer import SubwordTokenizer
     from training.corpus import corpus_from_config
     from training.run_config import load_run_config
-    from training.train import _prepare_vocab, _spec, training_dataset
+    from training.train import (
+        _prepare_vocab,
+        _spec,
+        resolve_length_multiple,
+        training_dataset,
+    )
 
-    run_config = load_run_config([RECIPE])
+    overrides = [] if length_multiple == "recipe" else [f"data.length_multiple={length_multiple}"]
+    run_config = load_run_config([RECIPE], overrides)
     data = run_config.data
     # The recipe's paths are relative to the repository root, the workers' directory.
     corpus = corpus_from_config(_spec(data.train), data.source_lang, data.target_lang)
@@ -124,13 +133,19 @@ def worker_pipeline(mode, batches, warmup, threads, vocab):
         run_config = dataclasses.replace(
             run_config, data=dataclasses.replace(run_config.data, vocab=vocab)
         )
-        tokenizer = SubwordTokenizer(_prepare_vocab(run_config, Path(scratch), corpus))
+        vocab_path = _prepare_vocab(run_config, Path(scratch), corpus)
+        vocab_size = SubwordTokenizer(vocab_path).vocab_size
+        # Built before the tokenizer that reads the batches: Keras' seeding resets
+        # TensorFlow's resources, the tokenizer's included. Compiled first because the run's
+        # batch padding (`data.length_multiple: auto`) depends on whether the step uses XLA.
+        model, _ = _compiled_model(run_config.model.preset, mode, vocab_size=vocab_size)
+        resolved = resolve_length_multiple(data.length_multiple, model.jit_compile, 1)
+        run_config = dataclasses.replace(
+            run_config, data=dataclasses.replace(run_config.data, length_multiple=resolved)
+        )
+        tokenizer = SubwordTokenizer(vocab_path)
         dataset = training_dataset(run_config, corpus, tokenizer)
         stream = list(dataset.take(warmup + batches).as_numpy_iterator())
-        vocab_size = tokenizer.vocab_size
-    # Built after the batches are read: Keras' seeding resets TensorFlow's resources, the
-    # tokenizer's included.
-    model, _ = _compiled_model(run_config.model.preset, mode, vocab_size=vocab_size)
     # Train on the untimed batches first (every trace the timed ones need happens there when
     # their shapes repeat; a new shape in the timed part is traced inside the timing, as in a
     # real run's first epoch).
@@ -151,6 +166,8 @@ def worker_pipeline(mode, batches, warmup, threads, vocab):
         "real_tgt_tokens_per_s": real / seconds,
         "distinct_shapes": len(shapes),
         "batch_tokens": data.batch_tokens,
+        "length_multiple": data.length_multiple,
+        "length_multiple_resolved": resolved,
         "keras": keras.__version__,
     }
 
@@ -231,6 +248,12 @@ def main(argv=None):
     parser.add_argument("--pipeline", action="store_true", help="also the real-batch case")
     parser.add_argument("--pipeline-batches", type=int, default=40)
     parser.add_argument("--pipeline-warmup", type=int, default=20)
+    parser.add_argument(
+        "--pipeline-length-multiples",
+        default="recipe",
+        help="comma-separated data.length_multiple values for the real-batch case: 'recipe' "
+        "(the recipe's own), 'auto', 'null' or a number; alternated in rounds of --rounds",
+    )
     parser.add_argument("--vocab", help="the pipeline's SentencePiece model (default: train one)")
     parser.add_argument("--reference-python", default=sys.executable)
     parser.add_argument("--output", type=Path, default=RESULTS)
@@ -246,9 +269,11 @@ def main(argv=None):
             preset, mode, n, warmup = rest
             result = worker_fixed(preset, mode, int(n), int(warmup), args.threads)
         else:
-            mode, n, warmup, vocab = rest
+            mode, n, warmup, vocab, length_multiple = rest
             vocab = None if vocab == "-" else vocab
-            result = worker_pipeline(mode, int(n), int(warmup), args.threads, vocab)
+            result = worker_pipeline(
+                mode, int(n), int(warmup), args.threads, vocab, length_multiple
+            )
         print(json.dumps(result))
         return 0
 
@@ -263,7 +288,7 @@ def main(argv=None):
         "machine": machine(),
         "presets": {},
     }
-    for preset in args.presets.split(","):
+    for preset in filter(None, args.presets.split(",")):
         n = int(steps[preset])
         rounds = []
         for index in range(args.rounds):
@@ -292,14 +317,23 @@ def main(argv=None):
             "ours": summary,
         }
     if args.pipeline:
+        # Each case runs once per round, the cases alternating (drift hits them alike).
         report["pipeline"] = {}
-        for mode in modes:
-            vocab = args.vocab or "-"
-            result = run_ours(
-                args, "pipeline", mode, args.pipeline_batches, args.pipeline_warmup, vocab
-            )
-            report["pipeline"][mode] = result
-            print(f"pipeline {mode}: {result['real_tgt_tokens_per_s']:,.0f} real tokens/s")
+        vocab = args.vocab or "-"
+        for index in range(args.rounds):
+            for mode in modes:
+                for multiple in args.pipeline_length_multiples.split(","):
+                    result = run_ours(
+                        args, "pipeline", mode, args.pipeline_batches, args.pipeline_warmup,
+                        vocab, multiple,
+                    )  # fmt: skip
+                    key = mode if multiple == "recipe" else f"{mode}, length_multiple {multiple}"
+                    report["pipeline"].setdefault(key, []).append(result)
+                    print(
+                        f"pipeline {key} round {index}: "
+                        f"{result['real_tgt_tokens_per_s']:,.0f} real tokens/s",
+                        flush=True,
+                    )
     report["load_average_at_end"] = os.getloadavg()
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")
@@ -322,11 +356,16 @@ def markdown_table(report):
                 f"{entry['reference_tgt_tokens_per_s']:,.0f} | **{ours['ratio']:.2f}x** "
                 f"({rounds}) |"
             )
-    for mode, result in report.get("pipeline", {}).items():
+    for case, results in report.get("pipeline", {}).items():
+        if isinstance(results, dict):  # one result per case, as recorded before rounds
+            results = [results]
+        rates = [r["real_tgt_tokens_per_s"] for r in results]
+        padded = sum(r["padded_target_positions"] for r in results)
+        real = sum(r["real_target_tokens"] for r in results)
         lines.append(
-            f"| small, Multi30k batches | {result['batch_tokens']}-token budget, "
-            f"{result['distinct_shapes']} shapes | {mode} | "
-            f"{result['real_tgt_tokens_per_s']:,.0f} real | | |"
+            f"| small, Multi30k batches | {results[0]['batch_tokens']}-token budget, "
+            f"{real / padded:.0%} real | {case} | {statistics.median(rates):,.0f} real "
+            f"({', '.join(f'{rate:,.0f}' for rate in rates)}) | | |"
         )
     return "\n".join(lines)
 

@@ -67,6 +67,9 @@ class DataConfig:
             size, so batches come in one fixed shape per bucket and XLA (JAX, `jit_compile`)
             compiles a bounded number of programs; `None` pads each batch to its longest pair
             (variable shapes: fine for TensorFlow without XLA, one compilation per shape on JAX).
+            `"auto"` (the default) is `None` where nothing compiles per shape (TensorFlow, the
+            train step not XLA-compiled, one device) and 8 otherwise: on Multi30k, padding to
+            the bucket takes real target tokens from 95% to 78% of a batch's positions.
     """
 
     source_lang: str = "en"
@@ -81,7 +84,7 @@ class DataConfig:
     max_length: int | None = _field(None, minimum=1)
     shuffle_buffer: int = _field(100_000, minimum=1)
     cache: bool | str = True
-    length_multiple: int | None = _field(8, minimum=1)
+    length_multiple: int | Literal["auto"] | None = _field("auto", minimum=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,7 +250,8 @@ def _typed_fields(cls: type, values: Mapping[str, Any], section: str) -> dict[st
         path = f"{section}.{key}"
         value = _convert(value, hints[key], path)
         minimum = fields[key].metadata.get("minimum")
-        if minimum is not None and value is not None:
+        # Only numbers have a minimum: a Literal alongside (e.g. "auto") passes as it is.
+        if minimum is not None and isinstance(value, (int, float)):
             exclusive = fields[key].metadata.get("exclusive")
             if value < minimum or (exclusive and value == minimum):
                 bound = f"greater than {minimum}" if exclusive else f"at least {minimum}"

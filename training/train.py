@@ -50,12 +50,34 @@ def compile_model(model, config, opts):
     return token_count
 
 
+# What `data.length_multiple: auto` rounds bucket lengths to where shapes must be fixed.
+AUTO_LENGTH_MULTIPLE = 8
+
+
+def resolve_length_multiple(length_multiple, jit_compile: bool, devices: int) -> int | None:
+    """`data.length_multiple` as a run uses it: `"auto"` becomes `None` (each batch padded to
+    its longest pair, the fewest padded positions) where no program is compiled per batch
+    shape, that is TensorFlow running the train step without XLA on one device, and
+    `AUTO_LENGTH_MULTIPLE` elsewhere (JAX and XLA compile per shape; data parallel training
+    splits batches by rows). A number or `None` is returned as it is."""
+    import keras
+
+    if length_multiple != "auto":
+        return length_multiple
+    if keras.config.backend() == "tensorflow" and not jit_compile and devices == 1:
+        return None
+    return AUTO_LENGTH_MULTIPLE
+
+
 def training_dataset(run_config: RunConfig, corpus, tokenizer, rows_multiple: int = 1):
     """The run's training batches (token budget, buckets, shuffled, repeated), as every run and
-    the training benchmark's real-batch case build them."""
+    the training benchmark's real-batch case build them. `data.length_multiple` must be
+    resolved (`resolve_length_multiple`)."""
     from training.pipeline import make_dataset
 
     data = run_config.data
+    if data.length_multiple == "auto":
+        raise ValueError("resolve data.length_multiple 'auto' first (resolve_length_multiple)")
     return make_dataset(
         corpus,
         tokenizer,
@@ -215,19 +237,6 @@ def train(run_config: RunConfig, group: distributed.ProcessGroup | None = None) 
         run_config.decode.to_json(model_dir / layout.DECODE_SETTINGS)
         dump_run_config(run_config, model_dir / layout.RUN_CONFIG)
 
-    dataset = training_dataset(run_config, train_corpus, tokenizer, rows_multiple=devices)
-    # Every process builds the same global batches and feeds its own rows of each.
-    dataset = distributed.process_rows(dataset, group)
-    if data.length_multiple is not None:
-        shapes = batch_shapes(
-            data.max_length, data.batch_tokens, data.length_multiple, rows_multiple=devices
-        )
-        say(
-            f"batch shapes (rows, length): {len(shapes)} fixed: "
-            + ", ".join(f"{rows}x{length}" for rows, length in shapes),
-            flush=True,
-        )
-
     # `mirrored` is tf.distribute's way to use every local device; JAX always does (above).
     mirrored = opts.strategy == "mirrored" and keras.config.backend() == "tensorflow"
     if opts.strategy == "mirrored" and not mirrored:
@@ -240,6 +249,30 @@ def train(run_config: RunConfig, group: distributed.ProcessGroup | None = None) 
     with strategy.scope():
         model = build_transformer(config)
         token_count = compile_model(model, config, opts)
+
+    # After compile: "auto" depends on whether the train step is XLA-compiled.
+    length_multiple = resolve_length_multiple(data.length_multiple, model.jit_compile, devices)
+    run_config = dataclasses.replace(
+        run_config, data=dataclasses.replace(data, length_multiple=length_multiple)
+    )
+    data = run_config.data
+    dataset = training_dataset(run_config, train_corpus, tokenizer, rows_multiple=devices)
+    # Every process builds the same global batches and feeds its own rows of each.
+    dataset = distributed.process_rows(dataset, group)
+    if data.length_multiple is not None:
+        shapes = batch_shapes(
+            data.max_length, data.batch_tokens, data.length_multiple, rows_multiple=devices
+        )
+        say(
+            f"batch shapes (rows, length): {len(shapes)} fixed: "
+            + ", ".join(f"{rows}x{length}" for rows, length in shapes),
+            flush=True,
+        )
+    else:
+        say(
+            "batch shapes: each batch padded to its longest pair (data.length_multiple null)",
+            flush=True,
+        )
 
     # Steps are optimizer updates; Keras' own counters (fit's steps, BackupAndRestore's
     # save_freq, TensorBoard's update_freq) count batches, k per update under accumulation.

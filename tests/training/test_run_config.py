@@ -37,6 +37,11 @@ TINY = CONFIGS / "tiny.yaml"
         ("data.batch_tokens=lots", "data.batch_tokens: expected an integer, got 'lots'"),
         ("data.vocab_model_type=char", "data.vocab_model_type: expected one of 'unigram', 'bpe'"),
         ("data.cache=3", "data.cache: expected true or false or a string, got 3"),
+        (
+            "data.length_multiple=fast",
+            "data.length_multiple: expected an integer or 'auto' or null, got 'fast'",
+        ),
+        ("data.length_multiple=0", "data.length_multiple: must be at least 1, got 0"),
         ("data.train={split: train}", "data.train: a corpus mapping needs a 'spec' key"),
         ("model.d_model=2k", "model.d_model: expected an integer, got '2k'"),
         ("model.dropout=high", "model.dropout: expected a number, got 'high'"),
@@ -161,3 +166,35 @@ def test_callbacks_refuse_a_zero_interval(tmp_path):
         BleuEvaluator(tmp_path, None, [], [], every_steps=0)
     with pytest.raises(ValueError, match="got 0"):
         StepCheckpoints(tmp_path, 0)
+
+
+@pytest.mark.parametrize(
+    "backend, length_multiple, jit_compile, devices, expected",
+    [
+        # Nothing compiles per shape: each batch padded to its longest pair.
+        ("tensorflow", "auto", False, 1, None),
+        # XLA, JAX and data parallel training need fixed shapes.
+        ("tensorflow", "auto", True, 1, 8),
+        ("tensorflow", "auto", False, 2, 8),
+        ("jax", "auto", True, 1, 8),
+        ("jax", "auto", False, 1, 8),
+        # A value the config names is kept as it is.
+        ("tensorflow", 16, False, 1, 16),
+        ("jax", None, True, 1, None),
+    ],
+)
+def test_auto_length_multiple_pads_to_the_longest_pair_only_where_nothing_compiles_per_shape(
+    monkeypatch, backend, length_multiple, jit_compile, devices, expected
+):
+    import keras
+
+    from training.train import resolve_length_multiple
+
+    monkeypatch.setattr(keras.config, "backend", lambda: backend)
+    assert resolve_length_multiple(length_multiple, jit_compile, devices) == expected
+
+
+def test_length_multiple_defaults_to_auto_and_loads_from_yaml():
+    assert load_run_config([TINY]).data.length_multiple == "auto"
+    assert load_run_config([TINY], ["data.length_multiple=auto"]).data.length_multiple == "auto"
+    assert load_run_config([TINY], ["data.length_multiple=null"]).data.length_multiple is None
