@@ -94,7 +94,10 @@ class TrainConfig:
     Attributes:
         max_minutes: wall-clock budget of the training loop across resumes; `None`: no budget.
         steps_per_epoch: how often Keras "epochs" (logs, callbacks) happen.
-        mixed_precision: `None` (float32), `"mixed_bfloat16"` or `"mixed_float16"`.
+        mixed_precision: `None` (float32), `"mixed_bfloat16"`, `"mixed_float16"` or `"auto"`:
+            `mixed_bfloat16` where the hardware multiplies bfloat16 natively (a CPU with
+            AVX512_BF16 or AMX, a GPU of compute capability 8.0 or newer, a TPU), else float32
+            (`training.train.resolve_mixed_precision`).
         jit_compile: `"auto"`, `True` or `False` (`model.compile`'s argument).
         strategy: `"default"` (one device) or `"mirrored"` (every local GPU).
         eval_every_steps: dev BLEU every N steps; 0 turns dev evaluation off.
@@ -111,7 +114,7 @@ class TrainConfig:
     warmup_steps: int = _field(4000, minimum=1)
     learning_rate_scale: float = _field(1.0, minimum=0, exclusive=True)
     gradient_accumulation_steps: int = _field(1, minimum=1)
-    mixed_precision: Literal["mixed_bfloat16", "mixed_float16"] | None = None
+    mixed_precision: Literal["mixed_bfloat16", "mixed_float16", "auto"] | None = None
     jit_compile: bool | Literal["auto"] = "auto"
     strategy: Literal["default", "mirrored"] = "default"
     save_every_steps: int = _field(500, minimum=1)

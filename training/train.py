@@ -50,6 +50,72 @@ def compile_model(model, config, opts):
     return token_count
 
 
+# CPU features with bfloat16 matrix instructions (Linux /proc/cpuinfo names). Without them
+# TensorFlow emulates bf16 and `mixed_bfloat16` ran at 0.93x of float32 on an AVX2-only EPYC;
+# with AVX512_BF16 it ran at 1.3-1.6x (benchmarks/results/training_throughput*.json).
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_flags() -> set[str]:
+    """This machine's CPU feature flags (empty where /proc/cpuinfo is absent)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def accelerator_has_bf16() -> bool | None:
+    """Whether the accelerator the run trains on multiplies bfloat16 natively; `None`: the run
+    trains on the CPU."""
+    import keras
+
+    if keras.config.backend() == "jax":
+        import jax
+
+        device = jax.devices()[0]
+        if device.platform == "cpu":
+            return None
+        if device.platform == "tpu":
+            return True
+        capability = getattr(device, "compute_capability", "0")
+        return float(capability) >= 8.0
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        return None
+    capability = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability")
+    return tuple(capability or (0, 0)) >= (8, 0)
+
+
+def resolve_mixed_precision(mixed_precision, flags: set[str], accelerator_bf16: bool | None):
+    """`train.mixed_precision` as a run uses it: `"auto"` becomes `"mixed_bfloat16"` where the
+    hardware multiplies bfloat16 natively (an accelerator that does, or, training on the CPU,
+    one of `BF16_CPU_FLAGS` in `flags`) and `None` (float32) elsewhere; a policy name or `None`
+    is returned as it is."""
+    if mixed_precision != "auto":
+        return mixed_precision
+    native = accelerator_bf16 if accelerator_bf16 is not None else bool(flags & set(BF16_CPU_FLAGS))
+    return "mixed_bfloat16" if native else None
+
+
+def _precision_reason(mixed_precision, resolved, flags, accelerator_bf16) -> str:
+    """Why the run computes in `resolved`, for the run's log."""
+    if mixed_precision != "auto":
+        return f"train.mixed_precision {mixed_precision}"
+    if accelerator_bf16 is not None:
+        return "train.mixed_precision auto: the accelerator " + (
+            "multiplies bfloat16 natively" if accelerator_bf16 else "has no native bfloat16"
+        )
+    found = sorted(flags & set(BF16_CPU_FLAGS))
+    return "train.mixed_precision auto: " + (
+        f"this CPU has {', '.join(found)}" if found else "this CPU has no bfloat16 instructions"
+    )
+
+
 # What `data.length_multiple: auto` rounds bucket lengths to where shapes must be fixed.
 AUTO_LENGTH_MULTIPLE = 8
 
@@ -185,8 +251,15 @@ def train(run_config: RunConfig, group: distributed.ProcessGroup | None = None) 
         model_dir.mkdir(parents=True, exist_ok=True)
     # The same seed everywhere: every process initializes the same (replicated) weights.
     keras.utils.set_random_seed(opts.seed)
-    if opts.mixed_precision:
-        keras.mixed_precision.set_global_policy(opts.mixed_precision)
+    flags, accelerator_bf16 = cpu_flags(), accelerator_has_bf16()
+    precision = resolve_mixed_precision(opts.mixed_precision, flags, accelerator_bf16)
+    if precision:
+        keras.mixed_precision.set_global_policy(precision)
+    say(
+        f"precision: {precision or 'float32'} "
+        f"({_precision_reason(opts.mixed_precision, precision, flags, accelerator_bf16)})",
+        flush=True,
+    )
     devices = distributed.data_parallel_devices()
     if devices > 1 and data.length_multiple is None:
         raise ConfigError(
@@ -364,6 +437,7 @@ def train(run_config: RunConfig, group: distributed.ProcessGroup | None = None) 
         "parameters": model.count_params(),
         "vocab_size": tokenizer.vocab_size,
         "traced_batch_shapes": len(traced),
+        "precision": precision or "float32",
         "devices": devices,
         "processes": group.num_processes,
     }

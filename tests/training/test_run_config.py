@@ -29,7 +29,8 @@ TINY = CONFIGS / "tiny.yaml"
         ("train.early_stopping_patience=0", "train.early_stopping_patience: must be at least 1"),
         (
             "train.mixed_precision=fp16",
-            "train.mixed_precision: expected one of 'mixed_bfloat16', 'mixed_float16' or null, "
+            "train.mixed_precision: expected one of 'mixed_bfloat16', 'mixed_float16', 'auto' or "
+            "null, "
             "got 'fp16'",
         ),
         ("train.strategy=multi_worker", "train.strategy: expected one of 'default', 'mirrored'"),
@@ -198,3 +199,35 @@ def test_length_multiple_defaults_to_auto_and_loads_from_yaml():
     assert load_run_config([TINY]).data.length_multiple == "auto"
     assert load_run_config([TINY], ["data.length_multiple=auto"]).data.length_multiple == "auto"
     assert load_run_config([TINY], ["data.length_multiple=null"]).data.length_multiple is None
+
+
+@pytest.mark.parametrize(
+    ("value", "flags", "accelerator_bf16", "expected"),
+    [
+        ("auto", {"avx2", "avx512f", "avx512_bf16"}, None, "mixed_bfloat16"),
+        ("auto", {"avx2", "amx_bf16", "amx_tile"}, None, "mixed_bfloat16"),
+        ("auto", {"avx2", "fma", "avx512f"}, None, None),
+        ("auto", set(), None, None),
+        # An accelerator decides, whatever the host CPU has.
+        ("auto", {"avx512_bf16"}, False, None),
+        ("auto", set(), True, "mixed_bfloat16"),
+        # An explicit setting is kept.
+        (None, {"avx512_bf16"}, None, None),
+        ("mixed_float16", {"avx512_bf16"}, None, "mixed_float16"),
+        ("mixed_bfloat16", set(), None, "mixed_bfloat16"),
+    ],
+)
+def test_auto_mixed_precision_is_bfloat16_only_on_native_bfloat16_hardware(
+    value, flags, accelerator_bf16, expected
+):
+    from training.train import resolve_mixed_precision
+
+    assert resolve_mixed_precision(value, flags, accelerator_bf16) == expected
+
+
+def test_mixed_precision_loads_auto_and_refuses_other_names():
+    assert load_run_config([TINY]).train.mixed_precision is None
+    loaded = load_run_config([TINY], ["train.mixed_precision=auto"])
+    assert loaded.train.mixed_precision == "auto"
+    with pytest.raises(ConfigError, match="train.mixed_precision.*'bf16'"):
+        load_run_config([TINY], ["train.mixed_precision=bf16"])
