@@ -21,16 +21,18 @@ SAVED_MODEL_SIGNATURES = ("serving_default", "beam", "greedy")
 
 
 def translate_with_model_dir(
-    model_dir, sources, checkpoint="auto", **settings_overrides
+    model_dir, sources, checkpoint="auto", precision="float32", **settings_overrides
 ) -> tuple[list[str], dict]:
-    """Hypotheses of the model directory's `Translator`; decoding options left `None` come from
-    its `decode_settings.json`. Returns `(hypotheses, description)`."""
+    """Hypotheses of the model directory's `Translator` computing in `precision`; decoding
+    options left `None` come from its `decode_settings.json`. Returns
+    `(hypotheses, description)`."""
     from keras_transformer.translation import model_dir as layout
 
     settings = layout.load_decode_settings(model_dir).replace(**settings_overrides)
-    translator, weights = layout.load_translator(model_dir, checkpoint, settings)
+    translator, weights = layout.load_translator(model_dir, checkpoint, settings, precision)
     hypotheses = translator.translate(sources)
-    return hypotheses, {"checkpoint": str(weights), "decode_settings": settings.to_dict()}
+    description = {"checkpoint": str(weights), "decode_settings": settings.to_dict()}
+    return hypotheses, {**description, "precision": precision}
 
 
 def translate_with_saved_model(
@@ -74,11 +76,13 @@ def evaluate(
     *,
     saved_model=None,
     signature="serving_default",
+    precision=None,
 ) -> dict:
     """Translates `corpus_spec` with `model_dir` or `saved_model` (exactly one) and scores it.
 
     With `model_dir`, decoding options left `None` come from its `decode_settings.json`; a
     SavedModel decodes as it was exported (only `signature` and `batch_size` apply).
+    `precision` (model directories only): `"float32"` (the default) or `"bfloat16"`.
     """
     import sacrebleu
 
@@ -96,10 +100,10 @@ def evaluate(
     sources, references = corpus.sources[:limit], corpus.targets[:limit]
     start = time.monotonic()
     if saved_model is not None:
-        if beam_size is not None or length_penalty_alpha is not None:
+        if beam_size is not None or length_penalty_alpha is not None or precision is not None:
             raise ValueError(
-                "a SavedModel decodes as it was exported: choose --signature, not --beam-size "
-                "or --alpha"
+                "a SavedModel decodes as it was exported: choose --signature, not --beam-size, "
+                "--alpha or --precision"
             )
         hypotheses, description = translate_with_saved_model(
             saved_model, sources, signature, batch_size
@@ -109,6 +113,7 @@ def evaluate(
             model_dir,
             sources,
             checkpoint,
+            precision or "float32",
             beam_size=beam_size,
             length_penalty_alpha=length_penalty_alpha,
             batch_size=batch_size,
@@ -154,6 +159,11 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, help="sentences per batch (default: the run's)")
     parser.add_argument("--limit", type=int, help="only the first N segments")
     parser.add_argument("--output", help="hypotheses file")
+    parser.add_argument(
+        "--precision",
+        choices=("float32", "bfloat16"),
+        help="with --model-dir: float32 (default) or bfloat16 matrix products",
+    )
     add_verbose_argument(parser)
     args = parser.parse_args(argv)
     try:
@@ -170,6 +180,7 @@ def main(argv=None) -> int:
             output=args.output,
             saved_model=args.saved_model,
             signature=args.signature,
+            precision=args.precision,
         )
     except (FileNotFoundError, CorpusError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -90,6 +90,7 @@ class Translator(tf.Module):
         """What this module does to its inputs, as recorded in an export's `export.json`."""
         return {
             "decode_settings": self.settings.to_dict(),
+            "compute_dtype": self.model.compute_dtype,
             "nbest": self.nbest,
             "max_source_tokens": self.max_source_tokens,
             "fixed_output_length": self.fixed_output_length,

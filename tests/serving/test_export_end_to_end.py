@@ -223,3 +223,35 @@ def test_devserver_command_serves_the_export(exported, trained_run, in_process):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_bfloat16_export_is_the_bfloat16_model_dir_path_and_keeps_the_allowlist(
+    exported, trained_run, shared_data_dir, tmp_path
+):
+    """`--precision bfloat16`: float32 weights, bfloat16 products, the same ops allowlist, and
+    the export translates as `evaluate --model-dir --precision bfloat16` does."""
+    import keras
+
+    from training.evaluate import evaluate
+
+    model_dir = trained_run[0]
+    version = export(model_dir, tmp_path / "bf16" / "1", precision="bfloat16")
+    # The global policy is the caller's again: nothing built later computes in bfloat16.
+    assert keras.config.dtype_policy().name == "float32"
+    record = json.loads((version / "assets.extra" / "export.json").read_text())
+    assert record["compute_dtype"] == "bfloat16"
+    float32_record = json.loads((exported[1] / "assets.extra" / "export.json").read_text())
+    assert float32_record["compute_dtype"] == "float32"
+    ops = saved_model_ops(version)
+    assert not ops - ALLOWED_OPS, sorted(ops - ALLOWED_OPS)
+    corpus = f"text:{shared_data_dir}/multi30k/test_2016_flickr"
+    from_dir = evaluate(
+        model_dir, corpus, "en", "de", limit=12, output=tmp_path / "d", precision="bfloat16"
+    )
+    assert from_dir["precision"] == "bfloat16"
+    evaluate(None, corpus, "en", "de", limit=12, output=tmp_path / "e", saved_model=version)
+    assert (tmp_path / "e").read_text() == (tmp_path / "d").read_text()
+    with pytest.raises(ValueError, match="decodes as it was exported"):
+        evaluate(None, corpus, "en", "de", limit=2, saved_model=version, precision="float32")
+    with pytest.raises(ValueError, match=r"precision must be one of .*got 'fp16'"):
+        layout.load_transformer(model_dir, precision="fp16")
