@@ -16,7 +16,9 @@ tokenization), loaded with `tf.saved_model.load`; export with a fixed output len
     .venv/bin/python benchmarks/decoding_throughput.py --saved-model exports/bench/transformer/1 \
         --ct2-python /tmp/ct2env/bin/python
 
-(CTranslate2: `python3 -m venv /tmp/ct2env && /tmp/ct2env/bin/pip install
+A `--precision bfloat16` export of the same run (`serving.export ... --precision bfloat16`)
+given as a second `--saved-model` adds its rows as `savedmodel_bfloat16_*`, against the same
+CTranslate2 fp32 runs. (CTranslate2: `python3 -m venv /tmp/ct2env && /tmp/ct2env/bin/pip install
 "ctranslate2>=4.8,<4.9" numpy`.) `--in-process` adds the `Translator`'s decoders on random
 weights and the uncached loop. The JSON also holds the ops one decoding step runs in each
 exported signature (`serving.graph_ops.decoding_step_ops`): at batch 1 a step's cost is mostly
@@ -95,12 +97,20 @@ def exported_decoders(export_dir, output_length):
         )
     loaded = tf.saved_model.load(str(export_dir))
     greedy, beam = loaded.signatures["greedy_ids"], loaded.signatures["beam_ids"]
+    prefix = export_label(record)
     return {
-        "greedy": lambda ids: greedy(source_ids=ids)["target_ids"],
-        f"beam{record['decode_settings']['beam_size']}": lambda ids: beam(source_ids=ids)[
+        f"{prefix}_greedy": lambda ids: greedy(source_ids=ids)["target_ids"],
+        f"{prefix}_beam{record['decode_settings']['beam_size']}": lambda ids: beam(source_ids=ids)[
             "target_ids"
         ],
     }
+
+
+def export_label(record):
+    """`savedmodel` for a float32 export, `savedmodel_bfloat16` for a `--precision bfloat16` one
+    (from its `export.json`; exports made before it recorded `compute_dtype` are float32)."""
+    dtype = record.get("compute_dtype", "float32")
+    return "savedmodel" if dtype == "float32" else f"savedmodel_{dtype}"
 
 
 def source_batch(config, batch_size, source_length, seed=0):
@@ -160,9 +170,8 @@ def measure_ours(args):
     if args.in_process:
         model = build_transformer(config)
         decoders.update(keras_decoders(model, args.output_length, args.beam_size))
-    if args.saved_model:
-        exported = exported_decoders(args.saved_model, args.output_length)
-        decoders.update({f"savedmodel_{name}": fn for name, fn in exported.items()})
+    for export_dir in args.saved_model or []:
+        decoders.update(exported_decoders(export_dir, args.output_length))
     if args.decoders:
         decoders = {name: fn for name, fn in decoders.items() if name in args.decoders}
     rows = []
@@ -211,7 +220,7 @@ def run_ours(args):
 
 def _reference_key(decoder, batch_size, beam_size):
     """The CTranslate2 run a row of ours compares with, e.g. `beam4_b32`; None for none."""
-    kind = decoder.removeprefix("savedmodel_")
+    kind = decoder.removeprefix("savedmodel_").removeprefix("bfloat16_")
     if kind == "greedy":
         return f"greedy_b{batch_size}"
     if kind == f"beam{beam_size}":
@@ -230,7 +239,11 @@ def main(argv=None):
     parser.add_argument("--min-seconds", type=float, default=3.0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--decoders", nargs="*", help="subset of decoder names to run")
-    parser.add_argument("--saved-model", help="the export to time (see exported_decoders)")
+    parser.add_argument(
+        "--saved-model",
+        nargs="+",
+        help="exports to time (see exported_decoders), e.g. a float32 and a bfloat16 one",
+    )
     parser.add_argument("--in-process", action="store_true", help="also the in-process decoders")
     parser.add_argument("--rounds", type=int, default=2, help="CTranslate2/ours pairs")
     parser.add_argument("--ct2-python", help="an interpreter with ctranslate2; none: no reference")
@@ -280,11 +293,15 @@ def main(argv=None):
         summary.append(row)
 
     step_ops = {}
-    if args.saved_model:
-        from serving.graph_ops import decoding_step_ops
+    from serving.graph_ops import decoding_step_ops
 
+    for export_dir in args.saved_model or []:
+        record = json.loads((Path(export_dir) / "assets.extra" / "export.json").read_text())
+        label = export_label(record)
         for signature in ("greedy_ids", "beam_ids"):
-            step_ops[signature] = decoding_step_ops(args.saved_model, signature)
+            counted = decoding_step_ops(export_dir, signature)
+            # A float32 export's counts keep the plain signature names (as recorded before).
+            step_ops[signature if label == "savedmodel" else f"{label}:{signature}"] = counted
 
     report = {
         "benchmark": "decoding_throughput",
