@@ -3,6 +3,8 @@
 import keras
 from keras import ops
 
+from keras_transformer.layers.dropout import Dropout
+
 
 @keras.saving.register_keras_serializable(package="keras_transformer")
 class PositionwiseFeedForward(keras.layers.Layer):
@@ -55,7 +57,7 @@ class PositionwiseFeedForward(keras.layers.Layer):
             dtype=self.dtype_policy,
             name="output",
         )
-        self.dropout_layer = keras.layers.Dropout(self.dropout, name="inner_dropout")
+        self.dropout_layer = Dropout(self.dropout, name="inner_dropout")
         self.inner_dense.build(inputs_shape)
         self.output_dense.build((*inputs_shape[:-1], self.hidden_dim))
         self.built = True

@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from keras_transformer.layers.attention_cache import write_cache
+from keras_transformer.layers.dropout import Dropout
 from keras_transformer.layers.masks import masked_fill_value
 
 
@@ -162,7 +163,7 @@ class MultiHeadAttention(keras.layers.Layer):
         self.key_dense.build(value_shape)
         self.value_dense.build(value_shape)
         self.output_dense.build((query_shape[0], query_shape[1], self.num_heads, self.key_dim))
-        self.dropout_layer = keras.layers.Dropout(self.dropout, name="attention_dropout")
+        self.dropout_layer = Dropout(self.dropout, name="attention_dropout")
         self.built = True
 
     # -- pieces, used by the cached decoder ----------------------------------------------

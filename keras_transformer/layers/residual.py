@@ -2,6 +2,8 @@
 
 import keras
 
+from keras_transformer.layers.dropout import Dropout
+
 
 class ResidualBlock(keras.layers.Layer):
     """`LayerNorm(x + Dropout(f(x)))` (post-norm, §5.4) or `x + Dropout(f(LayerNorm(x)))`.
@@ -25,7 +27,7 @@ class ResidualBlock(keras.layers.Layer):
         self.layer_norm = keras.layers.LayerNormalization(
             epsilon=self.epsilon, dtype=self.dtype_policy, name="layer_norm"
         )
-        self.dropout_layer = keras.layers.Dropout(self.dropout, name="dropout")
+        self.dropout_layer = Dropout(self.dropout, name="dropout")
 
     def build(self, inputs_shape):
         self.layer_norm.build(inputs_shape)

@@ -6,6 +6,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_transformer.layers.dropout import Dropout
+
 
 def sinusoidal_position_encoding(max_length: int, dim: int) -> np.ndarray:
     """The fixed encoding of §3.5 as a `[max_length, dim]` float32 array.
@@ -81,7 +83,7 @@ class TokenAndPositionEmbedding(keras.layers.Layer):
             or keras.initializers.RandomNormal(stddev=self.embedding_dim**-0.5)
         )
         self.scale = math.sqrt(self.embedding_dim)
-        self.dropout_layer = keras.layers.Dropout(self.dropout, name="embedding_dropout")
+        self.dropout_layer = Dropout(self.dropout, name="embedding_dropout")
 
     def build(self, inputs_shape=None):
         self.embeddings = self.add_weight(

@@ -147,3 +147,34 @@ def test_tied_projection_gradient_builds_no_per_position_copy_of_the_table():
     assert batch * length * vocab in sizes  # the logits, so the inspection sees the product
     assert max(sizes) < batch * length * vocab * dim
     assert tuple(gradient(tf.random.normal([batch, length, dim])).shape) == (vocab, dim)
+
+
+def test_dropout_drops_at_its_rate_keeps_the_expectation_and_draws_new_masks():
+    from keras_transformer.layers.dropout import Dropout
+
+    layer = Dropout(0.1, seed=3)
+    x = keras.ops.ones((200, 501))  # an odd element count: the last 16-bit number is unused
+    first = np.asarray(layer(x, training=True))
+    second = np.asarray(layer(x, training=True))
+    assert first.shape == (200, 501)
+    # 100,200 elements: the drop share's standard deviation is about 0.001.
+    assert abs((first == 0).mean() - 0.1) < 0.005
+    # Kept elements carry the inverse of the (rounded) keep probability: the mean stays 1.
+    tensorflow = keras.config.backend() == "tensorflow"
+    scale = 65536 / (65536 - 6554) if tensorflow else 1 / 0.9
+    np.testing.assert_allclose(first[first != 0], scale, rtol=1e-6)
+    assert abs(first.mean() - 1) < 0.01
+    # Every call draws a new mask; the same seed gives the same masks.
+    assert ((first == 0) != (second == 0)).mean() > 0.1
+    again = np.asarray(Dropout(0.1, seed=3)(x, training=True))
+    np.testing.assert_array_equal(again, first)
+    # Inference, rate 0 and bfloat16 inputs.
+    np.testing.assert_array_equal(np.asarray(layer(x, training=False)), np.ones((200, 501)))
+    np.testing.assert_array_equal(np.asarray(Dropout(0.0)(x, training=True)), np.ones((200, 501)))
+    bf16 = Dropout(0.1, seed=3, dtype="mixed_bfloat16")
+    half = bf16(keras.ops.ones((7, 3, 5), dtype="bfloat16"), training=True)
+    assert keras.backend.standardize_dtype(half.dtype) == "bfloat16" and half.shape == (7, 3, 5)
+    restored = Dropout.from_config(layer.get_config())
+    assert (restored.rate, restored.seed) == (0.1, 3)
+    with pytest.raises(ValueError, match=r"Dropout rate must be in \[0, 1\), got 1.0"):
+        Dropout(1.0)

@@ -1,0 +1,50 @@
+"""`Dropout`: `keras.layers.Dropout` with a cheaper mask on TensorFlow."""
+
+import keras
+
+
+@keras.saving.register_keras_serializable(package="keras_transformer")
+class Dropout(keras.layers.Layer):
+    """Inverted dropout, as `keras.layers.Dropout`, whose TensorFlow mask costs half the
+    random numbers (`dropout_tf`): there the rate is rounded to a multiple of 1/65536
+    (0.1 -> 0.100006) and kept elements are scaled by the inverse of the rounded keep
+    probability, so the expectation is unchanged. Other backends call `keras.random.dropout`
+    (XLA generates and fuses the mask itself).
+
+    Args:
+        rate: drop probability, in `[0, 1)`.
+        seed: seed of the layer's `keras.random.SeedGenerator`.
+
+    Call arguments:
+        inputs: a float tensor of any shape.
+        training: drops only when true.
+
+    Returns:
+        A tensor of the shape and dtype of `inputs`.
+    """
+
+    def __init__(self, rate, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        if not 0 <= rate < 1:
+            raise ValueError(f"Dropout rate must be in [0, 1), got {rate!r}")
+        self.rate = float(rate)
+        self.seed = seed
+        self.supports_masking = True
+        if self.rate > 0:
+            self.seed_generator = keras.random.SeedGenerator(seed)
+        self.built = True
+
+    def call(self, inputs, training=False):
+        if not training or self.rate == 0:
+            return inputs
+        if keras.config.backend() == "tensorflow":
+            from keras_transformer.layers import dropout_tf
+
+            return dropout_tf.dropout(inputs, self.rate, self.seed_generator.next())
+        return keras.random.dropout(inputs, self.rate, seed=self.seed_generator)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "rate": self.rate, "seed": self.seed}
