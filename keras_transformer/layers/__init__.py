@@ -1,6 +1,7 @@
 """Keras 3 layers of the Transformer, written with `keras.ops` (TensorFlow and JAX backends)."""
 
 from keras_transformer.layers.decoder_layer import TransformerDecoderLayer
+from keras_transformer.layers.dropout import Dropout
 from keras_transformer.layers.encoder_layer import TransformerEncoderLayer
 from keras_transformer.layers.feed_forward import PositionwiseFeedForward
 from keras_transformer.layers.masks import padding_mask
@@ -16,6 +17,7 @@ from keras_transformer.layers.token_and_position_embedding import (
 )
 
 __all__ = [
+    "Dropout",
     "HeadProjection",
     "MultiHeadAttention",
     "PositionwiseFeedForward",
