@@ -213,14 +213,9 @@ def run_ours(args, *worker_args):
 
 def machine():
     """What decides the precision modes' speed here: CPU flags and TensorFlow's oneDNN."""
-    flags = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
+    from training.train import cpu_flags
+
+    flags = cpu_flags()
     probe = subprocess.run(
         [sys.executable, "-c", "from tensorflow.python.util import _pywrap_util_port as p;"
          "import tensorflow as tf; print(tf.__version__, p.IsMklEnabled())"],

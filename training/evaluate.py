@@ -161,7 +161,7 @@ def main(argv=None) -> int:
     parser.add_argument("--output", help="hypotheses file")
     parser.add_argument(
         "--precision",
-        choices=("float32", "bfloat16"),
+        # Checked where models are built (model_dir.PRECISIONS): parsing loads no TensorFlow.
         help="with --model-dir: float32 (default) or bfloat16 matrix products",
     )
     add_verbose_argument(parser)

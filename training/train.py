@@ -52,8 +52,8 @@ def compile_model(model, config, opts):
 
 # CPU features with bfloat16 matrix instructions (Linux /proc/cpuinfo names). Without them
 # TensorFlow emulates bf16 and `mixed_bfloat16` ran at 0.93x of float32 on an AVX2-only EPYC;
-# with AVX512_BF16 it ran at 1.3-1.6x (benchmarks/results/training_throughput*.json).
-BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+# with AVX512_BF16 it ran at 1.2-1.4x (benchmarks/results/training_throughput*.json).
+BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
 
 def cpu_flags() -> set[str]:
@@ -98,19 +98,19 @@ def resolve_mixed_precision(mixed_precision, flags: set[str], accelerator_bf16: 
     is returned as it is."""
     if mixed_precision != "auto":
         return mixed_precision
-    native = accelerator_bf16 if accelerator_bf16 is not None else bool(flags & set(BF16_CPU_FLAGS))
+    native = accelerator_bf16 if accelerator_bf16 is not None else bool(flags & BF16_CPU_FLAGS)
     return "mixed_bfloat16" if native else None
 
 
-def _precision_reason(mixed_precision, resolved, flags, accelerator_bf16) -> str:
-    """Why the run computes in `resolved`, for the run's log."""
+def _precision_reason(mixed_precision, flags, accelerator_bf16) -> str:
+    """Why `resolve_mixed_precision` chose what it did, for the run's log."""
     if mixed_precision != "auto":
         return f"train.mixed_precision {mixed_precision}"
     if accelerator_bf16 is not None:
         return "train.mixed_precision auto: the accelerator " + (
             "multiplies bfloat16 natively" if accelerator_bf16 else "has no native bfloat16"
         )
-    found = sorted(flags & set(BF16_CPU_FLAGS))
+    found = sorted(flags & BF16_CPU_FLAGS)
     return "train.mixed_precision auto: " + (
         f"this CPU has {', '.join(found)}" if found else "this CPU has no bfloat16 instructions"
     )
@@ -257,7 +257,7 @@ def train(run_config: RunConfig, group: distributed.ProcessGroup | None = None) 
         keras.mixed_precision.set_global_policy(precision)
     say(
         f"precision: {precision or 'float32'} "
-        f"({_precision_reason(opts.mixed_precision, precision, flags, accelerator_bf16)})",
+        f"({_precision_reason(opts.mixed_precision, flags, accelerator_bf16)})",
         flush=True,
     )
     devices = distributed.data_parallel_devices()
