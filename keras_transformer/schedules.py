@@ -3,6 +3,8 @@
 import keras
 from keras import ops
 
+from keras_transformer.optimizers import Adam
+
 
 @keras.saving.register_keras_serializable(package="keras_transformer")
 class TransformerSchedule(keras.optimizers.schedules.LearningRateSchedule):
@@ -52,12 +54,13 @@ class TransformerSchedule(keras.optimizers.schedules.LearningRateSchedule):
 
 
 def transformer_optimizer(d_model, warmup_steps=4000, scale=1.0, **kwargs):
-    """Adam with beta1=0.9, beta2=0.98, epsilon=1e-9 on the §5.3 schedule.
+    """Adam with beta1=0.9, beta2=0.98, epsilon=1e-9 on the §5.3 schedule (our `Adam`: one
+    fused update per variable on TensorFlow).
 
     `gradient_accumulation_steps` (in `kwargs`, Keras' optimizer argument) also goes to the
     schedule, so warm-up counts optimizer updates, not micro-batches.
     """
-    return keras.optimizers.Adam(
+    return Adam(
         learning_rate=TransformerSchedule(
             d_model,
             warmup_steps,

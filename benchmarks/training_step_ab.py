@@ -1,0 +1,136 @@
+"""In-process A/B of training-step variants: the models alternate in short chunks.
+
+Every variant is our `small` (or `base`) model compiled as `training.train.compile_model`
+compiles it, with one thing changed; all of them live in one process and take turns, a chunk
+of `--chunk` `train_on_batch` steps each, on the reference's fixed batch shape, so the
+machine's drift (10-20% within an hour here) hits every variant alike. Reported: the median
+step time of each variant and its ratio to the first.
+
+Variants (`--variants`, comma-separated; the first is the baseline):
+  `ours`        the training step as runs compile it
+  `keras_adam`  Keras' own `keras.optimizers.Adam` (same settings and schedule) instead of ours
+  `jit`         `jit_compile=True`
+
+    .venv/bin/python benchmarks/training_step_ab.py --preset small --mode mixed_bfloat16 \
+        --variants keras_adam,ours --steps 40 --output benchmarks/results/training_step_ab.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.training_throughput import SHAPES  # noqa: E402
+from quiet_logs import add_verbose_argument, quiet_tensorflow  # noqa: E402
+
+VARIANTS = ("ours", "keras_adam", "jit")
+
+
+def build(preset: str, mode: str, variant: str):
+    """Our model compiled as a run compiles it, with `variant`'s one change."""
+    import dataclasses
+
+    import keras
+
+    from keras_transformer import TransformerConfig, build_transformer
+    from training.run_config import TrainConfig
+    from training.train import compile_model
+
+    keras.utils.set_random_seed(0)
+    keras.mixed_precision.set_global_policy("float32" if mode == "float32" else mode)
+    config = TransformerConfig.preset(preset)
+    model = build_transformer(config)
+    opts = TrainConfig(mixed_precision=None if mode == "float32" else mode, jit_compile=False)
+    if variant == "jit":
+        opts = dataclasses.replace(opts, jit_compile=True)
+    if variant == "keras_adam":
+        # transformer_optimizer builds whatever `schedules.Adam` names: Keras' own, here.
+        from keras_transformer import schedules
+
+        ours, schedules.Adam = schedules.Adam, keras.optimizers.Adam
+        try:
+            compile_model(model, config, opts)
+        finally:
+            schedules.Adam = ours
+        assert type(model.optimizer) is keras.optimizers.Adam
+    else:
+        compile_model(model, config, opts)
+    return model, config
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="small", choices=sorted(SHAPES))
+    parser.add_argument("--mode", default="mixed_bfloat16", choices=["float32", "mixed_bfloat16"])
+    parser.add_argument("--variants", default="keras_adam,ours")
+    parser.add_argument("--steps", type=int, default=40, help="timed steps per variant")
+    parser.add_argument("--chunk", type=int, default=4, help="steps per turn")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--output", type=Path)
+    add_verbose_argument(parser)
+    args = parser.parse_args(argv)
+    variants = args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or len(variants) < 2:
+        parser.error(
+            f"--variants needs two or more of {', '.join(VARIANTS)}; got {args.variants!r}"
+        )
+    quiet_tensorflow()
+    import numpy as np
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    models = {}
+    for variant in variants:
+        models[variant], config = build(args.preset, args.mode, variant)
+    rows, length = SHAPES[args.preset]
+    rng = np.random.default_rng(0)
+    source = rng.integers(4, config.vocab_size, (rows, length)).astype("int32")
+    target = rng.integers(4, config.vocab_size, (rows, length + 1)).astype("int32")
+    inputs, labels = {"source_ids": source, "target_ids": target[:, :-1]}, target[:, 1:]
+    for model in models.values():
+        for _ in range(args.warmup):
+            model.train_on_batch(inputs, labels)
+    times = {v: [] for v in variants}
+    while min(len(t) for t in times.values()) < args.steps:
+        for variant, model in models.items():
+            for _ in range(args.chunk):
+                begin = time.perf_counter()
+                float(model.train_on_batch(inputs, labels, return_dict=True)["loss"])
+                times[variant].append(time.perf_counter() - begin)
+    base = statistics.median(times[variants[0]])
+    result = {
+        "benchmark": "training_step_ab",
+        "command": "python " + " ".join(sys.argv),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "preset": args.preset,
+        "mode": args.mode,
+        "batch": f"{rows} x {length}",
+        "chunk": args.chunk,
+        "variants": {
+            v: {
+                "step_s_median": statistics.median(t),
+                "step_s_quartiles": [float(q) for q in np.quantile(t, [0.25, 0.75])],
+                "steps": len(t),
+                "speedup_over_" + variants[0]: base / statistics.median(t),
+            }
+            for v, t in times.items()
+        },
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.output:
+        args.output.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
