@@ -13,8 +13,9 @@ def label_smoothed_token_losses(labels, logits, label_smoothing=0.1):
     """Per-token cross-entropy against `(1 - eps) * one_hot + eps / vocab`, shape `[batch, length]`.
 
     The loss is `logsumexp(z) - (1 - eps) * z_y - eps * mean(z)` and its gradient with respect
-    to the logits is `softmax(z) - (1 - eps) * one_hot(y) - eps / vocab`, computed here in one
-    expression from the softmax that the forward pass already made. Left to automatic
+    to the logits is `softmax(z) - (1 - eps) * one_hot(y) - eps / vocab`, computed here from
+    the softmax that the forward pass already made, the one-hot part as one value added per
+    token (no one-hot tensor is made). Left to automatic
     differentiation, the same loss costs a scatter of the label gradient into a
     `[batch, length, vocab]` tensor (`UnsortedSegmentSum` on TensorFlow), a tiled logsumexp
     gradient and a broadcast mean gradient: in a profile of the `small` training step on a
@@ -48,15 +49,32 @@ def label_smoothed_token_losses(labels, logits, label_smoothing=0.1):
         def grad(*args, upstream=None):
             if upstream is None:
                 (upstream,) = args
-            target = (1.0 - smoothing) * ops.one_hot(labels, vocab_size, dtype="float32")
+            # upstream * (softmax - eps / vocab) in two passes over [batch, length, vocab],
+            # then -(1 - eps) * upstream added at each token's label: a scatter of one value
+            # per token where a one-hot target cost three more full passes (loss and gradient
+            # of bf16 [64, 24, 8000] logits: 21.3 -> 17.7 ms, alternating in one process).
+            gradient = exp * (upstream / total)[..., None]
             if smoothing:
-                target = target + smoothing / vocab_size
-            gradient = (exp / total[..., None] - target) * upstream[..., None]
+                gradient = gradient - (smoothing / vocab_size) * upstream[..., None]
+            gradient = ops.scatter_update(
+                gradient,
+                label_coordinates(labels),
+                ops.reshape(-(1.0 - smoothing) * upstream, (-1,)),
+                reduction="add",
+            )
             return ops.cast(gradient, logits.dtype)
 
         return losses, grad
 
     return token_losses(logits)
+
+
+def label_coordinates(labels):
+    """int32 `[batch * length, 3]`: `(row, position, label)` of every token of `labels`."""
+    shape = ops.shape(labels)
+    rows = ops.broadcast_to(ops.arange(shape[0], dtype="int32")[:, None], shape)
+    positions = ops.broadcast_to(ops.arange(shape[1], dtype="int32")[None, :], shape)
+    return ops.reshape(ops.stack([rows, positions, labels], axis=-1), (-1, 3))
 
 
 @keras.saving.register_keras_serializable(package="keras_transformer")
