@@ -7,8 +7,10 @@
 
 reads what the run wrote in its model directory (`run_config.yaml`, `complete.json`,
 `bleu_history.jsonl`, `progress.jsonl`, and `test_2016_flickr.json` from `main_job.sh`) and
-writes one JSON. `--compare` adds the loss and token accuracy of both runs at the steps both
-logged (training loss per real target token, so runs with different padding compare).
+writes one JSON. A run stopped by hand (no `complete.json`) is recorded with `--stopped
+"why"`: what it logged until then, and the reason. `--compare` adds the loss and token
+accuracy of both runs at the steps both logged (training loss per real target token, so runs
+with different padding compare).
 """
 
 from __future__ import annotations
@@ -27,13 +29,20 @@ def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def record(model_dir: Path) -> dict:
+def record(model_dir: Path, stopped: str | None = None) -> dict:
     complete = model_dir / "complete.json"
-    if not complete.is_file():
-        raise SystemExit(f"{model_dir} has no complete.json: the run has not finished")
+    if stopped:
+        finished = {"stopped_by_hand": stopped}
+    elif complete.is_file():
+        finished = {"complete": json.loads(complete.read_text())}
+    else:
+        raise SystemExit(
+            f"{model_dir} has no complete.json: the run has not finished (a run stopped by "
+            "hand is recorded with --stopped REASON)"
+        )
     result = {
         "run_config": yaml.safe_load((model_dir / "run_config.yaml").read_text()),
-        "complete": json.loads(complete.read_text()),
+        **finished,
         "dev_bleu_history": _jsonl(model_dir / "bleu_history.jsonl"),
         "progress": _jsonl(model_dir / "progress.jsonl"),
     }
@@ -69,6 +78,7 @@ def main(argv=None) -> int:
     parser.add_argument("--command", required=True, help="the command that made the run")
     parser.add_argument("--conditions", default="", help="what else ran on the machine")
     parser.add_argument("--compare", type=Path, help="an earlier record of this script's form")
+    parser.add_argument("--stopped", help="why the run was stopped by hand before it finished")
     args = parser.parse_args(argv)
     report = {
         "benchmark": "training_run",
@@ -76,7 +86,7 @@ def main(argv=None) -> int:
         "command": args.command,
         "conditions": args.conditions,
         "model_dir": str(args.model_dir),
-        **record(args.model_dir),
+        **record(args.model_dir, args.stopped),
     }
     if args.compare:
         other = json.loads(args.compare.read_text())
@@ -86,8 +96,12 @@ def main(argv=None) -> int:
         )
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")
-    complete = report["complete"]
-    print(f"{complete['steps']} steps ({complete['reason']}, {complete['train_seconds']} s)")
+    if "complete" in report:
+        complete = report["complete"]
+        print(f"{complete['steps']} steps ({complete['reason']}, {complete['train_seconds']} s)")
+    else:
+        steps = report["progress"][-1]["step"] if report["progress"] else 0
+        print(f"stopped by hand after step {steps}: {args.stopped}")
     for entry in report["dev_bleu_history"]:
         print(f"dev BLEU at step {entry['step']}: {entry['bleu']}")
     if "test_2016_flickr" in report:
