@@ -39,5 +39,13 @@ def dropout(inputs, rate: float, seed):
     )
     numbers = tf.reshape(tf.bitcast(words, tf.uint16), [-1])[:size]
     keep = tf.reshape(numbers >= level, tf.shape(inputs))
-    scale = tf.constant(LEVELS / (LEVELS - level), inputs.dtype)
-    return tf.where(keep, inputs * scale, tf.zeros_like(inputs))
+    # One multiply by a 0-or-scale mask: its gradient is one multiply too, where
+    # `where(keep, inputs * scale, 0)` costs a select, a zeros tensor and a multiply each
+    # way (the bf16 small step: 1.036x in an in-process A/B). A NaN or inf input stays NaN
+    # where dropped; the values are otherwise the same.
+    mask = tf.where(
+        keep,
+        tf.constant(LEVELS / (LEVELS - level), inputs.dtype),
+        tf.constant(0, inputs.dtype),
+    )
+    return inputs * mask
