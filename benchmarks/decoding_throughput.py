@@ -17,12 +17,15 @@ tokenization), loaded with `tf.saved_model.load`; export with a fixed output len
         --ct2-python /tmp/ct2env/bin/python
 
 A `--precision bfloat16` export of the same run (`serving.export ... --precision bfloat16`)
-given as a second `--saved-model` adds its rows as `savedmodel_bfloat16_*`, against the same
-CTranslate2 fp32 runs. (CTranslate2: `python3 -m venv /tmp/ct2env && /tmp/ct2env/bin/pip install
-"ctranslate2>=4.8,<4.9" numpy`.) `--in-process` adds the `Translator`'s decoders on random
-weights and the uncached loop. The JSON also holds the ops one decoding step runs in each
-exported signature (`serving.graph_ops.decoding_step_ops`): at batch 1 a step's cost is mostly
-dispatching them. Writes `benchmarks/results/decoding_throughput.json` and a markdown table.
+given as a second `--saved-model` adds its rows as `savedmodel_bfloat16_*`, and a
+`--jit-compile` export (searches compiled by XLA) its rows as `savedmodel_xla_*`, against the
+same CTranslate2 fp32 runs. (CTranslate2: `python3 -m venv /tmp/ct2env &&
+/tmp/ct2env/bin/pip install "ctranslate2>=4.8,<4.9" numpy`.) `--in-process` adds the
+`Translator`'s decoders on random weights and the uncached loop. The JSON also holds the ops
+one decoding step runs in each exported signature (`serving.graph_ops.decoding_step_ops`): op
+by op, at batch 1 a step's cost is mostly dispatching them; compiled by XLA
+(`"xla_compiled": true`) they are fused into one computation. Writes
+`benchmarks/results/decoding_throughput.json` and a markdown table.
 """
 
 from __future__ import annotations
@@ -107,10 +110,12 @@ def exported_decoders(export_dir, output_length):
 
 
 def export_label(record):
-    """`savedmodel` for a float32 export, `savedmodel_bfloat16` for a `--precision bfloat16` one
-    (from its `export.json`; exports made before it recorded `compute_dtype` are float32)."""
+    """`savedmodel` for a float32 export, `savedmodel_bfloat16` for a `--precision bfloat16` one,
+    with `_xla` for a `--jit-compile` one (from its `export.json`; exports made before it
+    recorded `compute_dtype` are float32, before `jit_compile` op by op)."""
     dtype = record.get("compute_dtype", "float32")
-    return "savedmodel" if dtype == "float32" else f"savedmodel_{dtype}"
+    label = "savedmodel" if dtype == "float32" else f"savedmodel_{dtype}"
+    return f"{label}_xla" if record.get("jit_compile") else label
 
 
 def source_batch(config, batch_size, source_length, seed=0):
@@ -220,7 +225,7 @@ def run_ours(args):
 
 def _reference_key(decoder, batch_size, beam_size):
     """The CTranslate2 run a row of ours compares with, e.g. `beam4_b32`; None for none."""
-    kind = decoder.removeprefix("savedmodel_").removeprefix("bfloat16_")
+    kind = decoder.rsplit("_", 1)[-1]
     if kind == "greedy":
         return f"greedy_b{batch_size}"
     if kind == f"beam{beam_size}":
@@ -316,7 +321,8 @@ def main(argv=None):
         "threads": args.threads,
         "reference": "CTranslate2 float32 (../shared/perf/cpu_decode_anchor.py --impls ct2), "
         "random weights of the same shape, forced output length",
-        "graph": "tf.function, input_signature [None, None] int32, no XLA",
+        "graph": "tf.function, input_signature [None, None] int32; `_xla` rows: the search "
+        "compiled by XLA (export --jit-compile), others op by op",
         "timing": f"median of >= {args.repeats} calls and >= {args.min_seconds} s after warmup",
         "decoding_step_ops": step_ops,
         "machine": {

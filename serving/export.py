@@ -66,6 +66,7 @@ def export(
     model_name=None,
     fixed_output_length=None,
     precision="float32",
+    jit_compile=False,
 ) -> Path:
     """Exports `model_dir`'s `Translator` to `output` (`BASE/NAME/VERSION`), atomically.
 
@@ -73,6 +74,8 @@ def export(
     is written under a temporary name beside it and renamed when complete, so a server polling
     `BASE/NAME` never loads a half-written version. `precision` `"bfloat16"` computes in
     bfloat16 with float32 weights (`layout.load_transformer`); score it before serving it.
+    `jit_compile` compiles the searches with XLA (`Translator`): serve it with
+    `--xla_cpu_compilation_enabled=true`.
     """
     output = Path(output)
     if not output.name.isdigit():
@@ -89,7 +92,12 @@ def export(
         extra_length=extra_length,
     )
     translator, weights = layout.load_translator(
-        model_dir, checkpoint, settings, precision, fixed_output_length=fixed_output_length
+        model_dir,
+        checkpoint,
+        settings,
+        precision,
+        fixed_output_length=fixed_output_length,
+        jit_compile=jit_compile,
     )
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
@@ -133,6 +141,13 @@ def main(argv=None) -> int:
         help="bfloat16: float32 weights, bfloat16 matrix products (faster on CPUs with "
         "AVX512_BF16 or AMX; translations may differ from float32's: compare BLEU first)",
     )
+    parser.add_argument(
+        "--jit-compile",
+        action="store_true",
+        help="compile each search with XLA (3-4x faster for single sentences on a CPU); "
+        "tensorflow_model_server then needs --xla_cpu_compilation_enabled=true, and "
+        "translations may differ from the op-by-op graph's in rare ties (see README)",
+    )
     add_verbose_argument(parser)
     args = parser.parse_args(argv)
     try:
@@ -146,6 +161,7 @@ def main(argv=None) -> int:
             extra_length=args.extra_length,
             fixed_output_length=args.fixed_output_length,
             precision=args.precision,
+            jit_compile=args.jit_compile,
         )
     except (FileNotFoundError, FileExistsError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -47,6 +47,24 @@ def disallowed_ops(saved_model_dir: str | Path) -> list[str]:
     return sorted(saved_model_ops(saved_model_dir) - ALLOWED_OPS)
 
 
+def xla_compiled_functions(saved_model_dir: str | Path) -> list[str]:
+    """Names of the graph's functions marked for XLA (`tf.function(jit_compile=True)`).
+
+    A model server must compile these with XLA; `tensorflow_model_server` does so only with
+    `--xla_cpu_compilation_enabled=true` (or the GPU flag), and otherwise fails the call.
+    """
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    saved_model = saved_model_pb2.SavedModel()
+    saved_model.ParseFromString((Path(saved_model_dir) / "saved_model.pb").read_bytes())
+    return sorted(
+        function.signature.name
+        for graph in saved_model.meta_graphs
+        for function in graph.graph_def.library.function
+        if function.attr["_XlaMustCompile"].b
+    )
+
+
 # Nodes that run no kernel work worth counting: constants, pass-throughs and control edges.
 _TRIVIAL = frozenset({"Const", "Identity", "IdentityN", "NoOp"})
 _CALLS = frozenset({"PartitionedCall", "StatefulPartitionedCall"})
@@ -58,8 +76,10 @@ def decoding_step_ops(saved_model_dir: str | Path, signature: str) -> dict:
     The loop is the largest `While` reachable from the signature's function; its body is
     counted with the functions it calls inlined (TensorFlow inlines them before it runs the
     graph), each `If` counted with both branches. Returns `{"ops": count of nodes that run a
-    kernel (not Const/Identity/NoOp), "nodes": all nodes, "by_type": {op: count}}`; at batch
-    1 a step costs about `ops` kernel dispatches, which is where its time goes.
+    kernel (not Const/Identity/NoOp), "nodes": all nodes, "xla_compiled": whether XLA compiles
+    the loop whole (`jit_compile` export), "by_type": {op: count}}`. Op by op, at batch 1 a
+    step costs about `ops` kernel dispatches, which is where its time goes; compiled by XLA,
+    the loop is one computation and its ops are fused, with no dispatch per op.
     """
     from collections import Counter
 
@@ -95,6 +115,14 @@ def decoding_step_ops(saved_model_dir: str | Path, signature: str) -> dict:
                     nodes.append(inner)
         return nodes
 
+    # Functions XLA compiles whole: those marked, and everything they call.
+    compiled, pending = set(), [n for n, f in functions.items() if f.attr["_XlaMustCompile"].b]
+    while pending:
+        name = pending.pop()
+        if name not in compiled:
+            compiled.add(name)
+            pending.extend(callee for inner in functions[name].node_def for callee in called(inner))
+
     loops = []
     pending = called(node)
     while pending:
@@ -102,17 +130,19 @@ def decoding_step_ops(saved_model_dir: str | Path, signature: str) -> dict:
         pending = []
         for inner in nodes:
             if inner.op in ("While", "StatelessWhile"):
-                body = flatten([inner.attr["body"].func.name])
-                loops.append(body)
+                name = inner.attr["body"].func.name
+                body = flatten([name])
+                loops.append((body, name in compiled))
                 pending.extend(
                     n.attr["body"].func.name for n in body if n.op in ("While", "StatelessWhile")
                 )
     if not loops:
         raise ValueError(f"signature {signature!r} of {saved_model_dir} has no decoding loop")
-    body = max(loops, key=len)
+    body, xla = max(loops, key=lambda loop: len(loop[0]))
     by_type = Counter(n.op for n in body)
     return {
         "ops": sum(count for op, count in by_type.items() if op not in _TRIVIAL),
         "nodes": len(body),
+        "xla_compiled": xla,
         "by_type": dict(by_type.most_common()),
     }

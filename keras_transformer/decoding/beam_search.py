@@ -25,6 +25,7 @@ def beam_search(
     min_output_length=0,
     num_returned=1,
     ignore_eos=False,
+    in_place=True,
 ):
     """Beam search as in the paper (§6.1: beam 4, alpha 0.6, source length + 50).
 
@@ -65,6 +66,9 @@ def beam_search(
         min_output_length: eos cannot be produced before this many tokens.
         num_returned: hypotheses returned per sentence (n-best), at most `beam_size`.
         ignore_eos: never produce eos, so hypotheses end at the length limit exactly.
+        in_place: write the caches in place on TensorFlow (`cache_writes_tf`); `False` inside
+            an XLA-compiled function (`jit_compile=True`), which has no `InplaceUpdate` and
+            updates loop buffers in place by itself.
 
     Returns:
         A dict, hypotheses sorted by score, best first: `"target_ids"` int32
@@ -93,7 +97,7 @@ def beam_search(
     )
     batch = ops.shape(source_ids)[0]
     # Each step's caches feed only the next step: they can be written in place.
-    state = model.init_decoder_state(memory, source_mask, bound, beams=beams, in_place=True)
+    state = model.init_decoder_state(memory, source_mask, bound, beams=beams, in_place=in_place)
     forbid_eos = ignore_eos or min_output_length > 0
     # Tokens ranked per beam: one more when eos may be masked out of them.
     row_k = candidates + int(forbid_eos)
@@ -113,7 +117,7 @@ def beam_search(
 
     def body(index, tokens, alive_ids, alive_log_probs, finished, done, caches):
         logits, new_state = model.decode_step(
-            tokens, index, dict(state, **caches), beams=beams, in_place=True
+            tokens, index, dict(state, **caches), beams=beams, in_place=in_place
         )
         # Top-k in two stages, both exact: a sentence's best `candidates` extensions are among
         # its beams' best `row_k` tokens each. Ranking raw logits per row (the log-softmax

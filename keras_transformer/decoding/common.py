@@ -32,25 +32,34 @@ def output_limits(model, source_ids, source_mask, max_output_length, extra_lengt
         static shapes. `limits` is int32 `[batch]`, each `<= bound`.
     """
     cap = model.config.max_length - 1
+    bound = loop_bound(model.config, ops.shape(source_ids)[1], max_output_length, extra_length)
     if max_output_length is not None:
-        max_output_length = int(max_output_length)
-        if max_output_length < 1:
-            raise ValueError(f"max_output_length must be at least 1, got {max_output_length}")
-        bound = min(max_output_length, cap)
         limits = ops.full((ops.shape(source_ids)[0],), bound, dtype="int32")
         return bound, limits
-    if extra_length < 0:
-        raise ValueError(f"extra_length must be non-negative, got {extra_length}")
     source_lengths = ops.sum(ops.cast(source_mask, "int32"), axis=1)
     limits = ops.minimum(source_lengths + int(extra_length), cap)
     # At least one output position, even for an empty source.
     limits = ops.maximum(limits, 1)
-    padded_length = ops.shape(source_ids)[1]
-    if isinstance(padded_length, int):
-        bound = max(min(padded_length + int(extra_length), cap), 1)
-    else:
-        bound = ops.maximum(ops.minimum(padded_length + int(extra_length), cap), 1)
     return bound, limits
+
+
+def loop_bound(config, padded_length, max_output_length, extra_length):
+    """The search's loop bound and output width for sources padded to `padded_length`.
+
+    `max_output_length` if given, else `padded_length + extra_length`; capped at
+    `config.max_length - 1` and at least 1. A Python int when `padded_length` is one.
+    """
+    cap = config.max_length - 1
+    if max_output_length is not None:
+        max_output_length = int(max_output_length)
+        if max_output_length < 1:
+            raise ValueError(f"max_output_length must be at least 1, got {max_output_length}")
+        return min(max_output_length, cap)
+    if extra_length < 0:
+        raise ValueError(f"extra_length must be non-negative, got {extra_length}")
+    if isinstance(padded_length, int):
+        return max(min(padded_length + int(extra_length), cap), 1)
+    return ops.maximum(ops.minimum(padded_length + int(extra_length), cap), 1)
 
 
 def start_search(model, source_ids, max_output_length, extra_length):

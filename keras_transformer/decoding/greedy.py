@@ -16,6 +16,7 @@ def greedy_search(
     extra_length=50,
     min_output_length=0,
     ignore_eos=False,
+    in_place=True,
 ):
     """Greedy decoding with the model's preallocated self-attention caches.
 
@@ -34,6 +35,9 @@ def greedy_search(
         min_output_length: eos cannot be produced before this many tokens.
         ignore_eos: never produce eos, so every sentence has exactly its length limit: a fixed
             output length, e.g. to compare throughput with other engines like for like.
+        in_place: write the caches in place on TensorFlow (`cache_writes_tf`); `False` inside
+            an XLA-compiled function (`jit_compile=True`), which has no `InplaceUpdate` and
+            updates loop buffers in place by itself.
 
     Returns:
         A dict: `"target_ids"` int32 `[batch, max_steps]` (the tokens after bos, eos included
@@ -45,11 +49,13 @@ def greedy_search(
         model, source_ids, max_output_length, extra_length
     )
     # Each step's caches feed only the next step: they can be written in place.
-    state = model.init_decoder_state(memory, source_mask, bound, in_place=True)
+    state = model.init_decoder_state(memory, source_mask, bound, in_place=in_place)
     caches = {"key_caches": state["key_caches"], "value_caches": state["value_caches"]}
 
     def next_logits(tokens, index, caches):
-        logits, new_state = model.decode_step(tokens, index, dict(state, **caches), in_place=True)
+        logits, new_state = model.decode_step(
+            tokens, index, dict(state, **caches), in_place=in_place
+        )
         return logits, {
             "key_caches": new_state["key_caches"],
             "value_caches": new_state["value_caches"],

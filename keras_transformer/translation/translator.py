@@ -13,6 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_transformer.decoding import beam_search, greedy_search
+from keras_transformer.decoding.common import loop_bound
 from keras_transformer.decoding.settings import DecodeSettings
 from keras_transformer.translation.tokenizer import check_vocabulary
 
@@ -54,6 +55,16 @@ class Translator(tf.Module):
         fixed_output_length: if set, every output has exactly this many tokens (end of
             sentence is ignored): for throughput comparisons with other engines, not for
             translation.
+        jit_compile: run each search as one XLA computation (`tf.function(jit_compile=True)`)
+            instead of op by op: 3-4x faster for one sentence on a CPU, where the op-by-op
+            loop is dispatch overhead. XLA compiles once per input shape, so the ids go in
+            padded to a bucket (batch 1, 2, 4, 8, then multiples of 8, repeating the last row;
+            length a multiple of 8) and the results are cut back. A stock
+            `tensorflow_model_server` runs such an export only with
+            `--xla_cpu_compilation_enabled=true`; without it every decoding request fails
+            (INTERNAL "XLA compilation disabled"). Outputs agree with the op-by-op search up to
+            float rounding (XLA fuses and reorders arithmetic): see the README for how often a
+            translation differs.
         name: module name.
 
     Example:
@@ -69,6 +80,7 @@ class Translator(tf.Module):
         settings: DecodeSettings | None = None,
         *,
         fixed_output_length: int | None = None,
+        jit_compile: bool = False,
         name: str = "translation",
     ):
         super().__init__(name=name)
@@ -79,6 +91,7 @@ class Translator(tf.Module):
         self.settings = settings or DecodeSettings()
         self.nbest = self.settings.resolved_nbest
         self.fixed_output_length = fixed_output_length
+        self.jit_compile = bool(jit_compile)
         # Source tokens plus eos fill the positional table; outputs are capped by the search.
         self.max_source_tokens = model.config.max_length - 1
         if fixed_output_length:
@@ -94,6 +107,7 @@ class Translator(tf.Module):
             "nbest": self.nbest,
             "max_source_tokens": self.max_source_tokens,
             "fixed_output_length": self.fixed_output_length,
+            "jit_compile": self.jit_compile,
         }
 
     # -- text <-> ids ------------------------------------------------------------------------
@@ -143,24 +157,65 @@ class Translator(tf.Module):
         """
 
         def run():
-            if beam_size == 1:
-                result = greedy_search(self.model, source_ids, **self.length_options)
-                return result["target_ids"][:, None], result["scores"][:, None]
-            result = beam_search(
-                self.model,
-                source_ids,
-                beam_size=beam_size,
-                length_penalty_alpha=self.settings.length_penalty_alpha,
-                num_returned=num_returned,
-                **self.length_options,
-            )
-            return result["target_ids"], result["scores"]
+            if self.jit_compile:
+                return self._compiled_search(source_ids, beam_size, num_returned)
+            return self._search(source_ids, beam_size, num_returned)
 
         def nothing():
             return tf.zeros([0, num_returned, 1], tf.int32), tf.zeros([0, num_returned])
 
         # A batch of zero rows skips decoding: "zero in, zero out" without a loop over nothing.
         return tf.cond(tf.shape(source_ids)[0] > 0, run, nothing)
+
+    def _search(self, source_ids, beam_size, num_returned, in_place=True):
+        """`search` op by op (`in_place`: see `beam_search`)."""
+        if beam_size == 1:
+            result = greedy_search(self.model, source_ids, in_place=in_place, **self.length_options)
+            return result["target_ids"][:, None], result["scores"][:, None]
+        result = beam_search(
+            self.model,
+            source_ids,
+            beam_size=beam_size,
+            length_penalty_alpha=self.settings.length_penalty_alpha,
+            num_returned=num_returned,
+            in_place=in_place,
+            **self.length_options,
+        )
+        return result["target_ids"], result["scores"]
+
+    def _compiled_search(self, source_ids, beam_size, num_returned):
+        """`search` as one XLA computation on `source_ids` padded to a shape bucket.
+
+        Extra rows repeat the last sentence, so they finish when it does and add no steps;
+        extra columns are padding, which the encoder masks. The output is cut back to the
+        rows and the width (`loop_bound`) of the unpadded ids.
+        """
+        config = self.model.config
+        shape = tf.shape(source_ids)
+        batch, length = shape[0], shape[1]
+        small = tf.constant([1, 2, 4, 8], tf.int32)
+        batch_bucket = tf.where(
+            batch <= 8,
+            tf.reduce_min(tf.where(small >= batch, small, 8)),
+            (batch + 7) // 8 * 8,
+        )
+        # Never past the positional table, never shorter than the input.
+        length_bucket = tf.maximum(tf.minimum((length + 7) // 8 * 8, config.max_length), length)
+        rows = tf.minimum(tf.range(batch_bucket), batch - 1)
+        padding = tf.fill([batch_bucket, length_bucket - length], tf.constant(config.pad_id))
+        padded = tf.concat([tf.gather(source_ids, rows), padding], axis=1)
+
+        def compiled_search(ids):
+            return self._search(ids, beam_size, num_returned, in_place=False)
+
+        target_ids, scores = tf.function(compiled_search, jit_compile=True)(padded)
+        width = loop_bound(
+            config,
+            length,
+            self.length_options.get("max_output_length"),
+            self.length_options.get("extra_length", 0),
+        )
+        return target_ids[:batch, :, :width], scores[:batch]
 
     def _translate(self, text, beam_size, num_returned):
         """Text `[batch]` -> texts `[batch, num_returned]`, scores, truncated, target ids
@@ -246,6 +301,7 @@ class Translator(tf.Module):
                 self.tokenizer,
                 settings,
                 fixed_output_length=self.fixed_output_length,
+                jit_compile=self.jit_compile,
             )
             return other.translate(sentences)
         rows = self.run_in_batches(self.serving_default, sentences)

@@ -83,8 +83,28 @@ def _parser() -> argparse.ArgumentParser:
         "at startup (labels are checked before anything loads); moving an existing label to "
         "a version that is not loaded is refused even with it",
     )
+    parser.add_argument(
+        "--xla_cpu_compilation_enabled",
+        nargs="?",
+        const="true",
+        default="false",
+        type=_parse_bool,
+        help="as TF Serving's flag (also =true/=false): needed by exports made with "
+        "--jit-compile, which otherwise fail their warmup and every request (INTERNAL)",
+    )
     add_verbose_argument(parser)
     return parser
+
+
+def _parse_bool(text: str) -> bool:
+    # TF Serving's boolean flags (ParseBoolFlag in tensorflow/core/util/command_line_flags.cc)
+    # take `--flag`, `--flag=true` and `--flag=false`; 1 and 0 are accepted here too.
+    value = text.lower()
+    if value in ("true", "1"):
+        return True
+    if value in ("false", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.allow_version_labels_for_unavailable_models
             ),
             batching_parameters=batching_parameters,
+            xla_cpu_compilation_enabled=args.xla_cpu_compilation_enabled,
         )
     except (OSError, ValueError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)

@@ -38,6 +38,7 @@ class ModelRegistry:
         allow_version_labels_for_unavailable_models: As TF Serving's flag of that name: a new
             label may point at a version that is not loaded (requests for it get NOT_FOUND);
             moving an existing label still needs its new version loaded.
+        xla_cpu_compilation_enabled: As TF Serving's flag (see `Servable`).
     """
 
     def __init__(
@@ -45,9 +46,11 @@ class ModelRegistry:
         config: model_config_lib.ModelServerConfig,
         limits: Limits | None = None,
         allow_version_labels_for_unavailable_models: bool = False,
+        xla_cpu_compilation_enabled: bool = False,
     ):
         self.limits = limits or Limits()
         self.allow_unavailable_labels = allow_version_labels_for_unavailable_models
+        self.xla_cpu_compilation_enabled = xla_cpu_compilation_enabled
         self._config = config
         self._lock = threading.Lock()  # guards the maps below; never held while loading
         self._sync_lock = threading.Lock()  # one sync at a time
@@ -151,7 +154,7 @@ class ModelRegistry:
             self._statuses.setdefault(name, {})[version] = _VersionStatus(State.LOADING)
         logger.info("loading %s version %d from %s", name, version, path)
         try:
-            servable = Servable(name, version, path)
+            servable = Servable(name, version, path, self.xla_cpu_compilation_enabled)
             count = servable.replay_warmup(self.limits)
         except Exception as error:  # any failure must leave the server running
             code = error.code if isinstance(error, ServingError) else grpc.StatusCode.UNKNOWN

@@ -51,9 +51,17 @@ class Servable:
         name: The model's name.
         version: The version number (the folder's name).
         path: The version folder, holding `saved_model.pb`.
+        xla_cpu_compilation_enabled: As TF Serving's flag. Without it a model whose graph has
+            functions marked for XLA (`tf.function(jit_compile=True)`, an export made with
+            `--jit-compile`) loads, but running it fails with INTERNAL "XLA compilation
+            disabled": `main.cc` of tensorflow_serving/model_servers calls
+            `tensorflow::DisableXlaCompilation()` unless the flag is set, and the XLA device
+            compiler then returns `errors::Internal("XLA compilation disabled")` for the first
+            compilation (tensorflow/compiler/jit/device_compiler.h). With a warmup file that
+            failure happens during warmup, so the version does not become AVAILABLE.
     """
 
-    def __init__(self, name: str, version: int, path: str):
+    def __init__(self, name: str, version: int, path: str, xla_cpu_compilation_enabled=False):
         self.name = name
         self.version = version
         self.path = path
@@ -64,6 +72,12 @@ class Servable:
         with open(os.path.join(path, "saved_model.pb"), "rb") as file:
             saved_model.ParseFromString(file.read())
         self.signature_defs = saved_model.meta_graphs[0].signature_def
+        self.xla_functions = [
+            function.signature.name
+            for function in saved_model.meta_graphs[0].graph_def.library.function
+            if function.attr["_XlaMustCompile"].b
+        ]
+        self.xla_disabled = bool(self.xla_functions) and not xla_cpu_compilation_enabled
 
     def predict(
         self,
@@ -96,6 +110,15 @@ class Servable:
         outputs = check_output_filter(
             request.output_filter, self.signature_defs[signature_name].outputs
         )
+        if self.xla_disabled:
+            # Every signature of our exports reaches the compiled search (TF Serving would
+            # answer a zero-row request, which skips the search; that case is not modelled).
+            raise ServingError(
+                grpc.StatusCode.INTERNAL,
+                "XLA compilation disabled (this model has functions compiled by XLA, "
+                f"e.g. {self.xla_functions[0]}: start the server with "
+                "--xla_cpu_compilation_enabled=true)",
+            )
         if batching is None:
             results = _run_signature(function, inputs)
         else:

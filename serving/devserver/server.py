@@ -118,6 +118,7 @@ def start_server(
     model_config_file_poll_wait_seconds: float = 0.0,
     allow_version_labels_for_unavailable_models: bool = False,
     batching_parameters: BatchingParameters | None = None,
+    xla_cpu_compilation_enabled: bool = False,
 ) -> DevServer:
     """Loads the configured models, then starts serving them over gRPC.
 
@@ -139,6 +140,9 @@ def start_server(
             `--enable_batching` with these parameters; None runs each request on its own.
             Only requests that hold one of the `workers` threads can join a batch, so give at
             least as many workers as requests should be merged.
+        xla_cpu_compilation_enabled: As TF Serving's flag: without it, models with functions
+            compiled by XLA (exports made with `--jit-compile`) fail every decoding request and
+            their warmup (see `Servable`).
 
     Returns:
         The running `DevServer`.
@@ -160,7 +164,10 @@ def start_server(
         # A re-read file would undo the overrides.
         config_file = None
     registry = ModelRegistry(
-        config, Limits(max_batch_size, max_input_bytes), allow_version_labels_for_unavailable_models
+        config,
+        Limits(max_batch_size, max_input_bytes),
+        allow_version_labels_for_unavailable_models,
+        xla_cpu_compilation_enabled,
     )
     registry.sync()
     problems = registry.unavailable_models()

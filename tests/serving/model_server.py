@@ -164,6 +164,7 @@ def start_model_server(
     host: str = "127.0.0.1",
     file_system_poll_wait_seconds: float = 1.0,
     allow_version_labels_for_unavailable_models: bool = False,
+    xla_cpu_compilation_enabled: bool = False,
     timeout: float = 120.0,
     **devserver_kwargs,
 ) -> devserver.DevServer | ModelServerProcess:
@@ -181,6 +182,8 @@ def start_model_server(
         allow_version_labels_for_unavailable_models: As TF Serving's flag; a config with
             `version_labels` needs it to start at all, on both servers (labels are checked
             before anything is loaded: `ServerCore::ReloadConfig`, server_core.cc).
+        xla_cpu_compilation_enabled: As TF Serving's flag (exports made with `--jit-compile`
+            need it), given to either server.
         timeout: Seconds to wait for `tensorflow_model_server` to load the models.
         **devserver_kwargs: Further `serving.devserver.start_server` arguments, used only by
             the devserver; not `max_batch_size`, which is the shipped batching file's.
@@ -217,6 +220,7 @@ def start_model_server(
             max_batch_size=MAX_BATCH_SIZE,
             file_system_poll_wait_seconds=file_system_poll_wait_seconds,
             allow_version_labels_for_unavailable_models=allow_version_labels_for_unavailable_models,
+            xla_cpu_compilation_enabled=xla_cpu_compilation_enabled,
             **devserver_kwargs,
         )
 
@@ -241,6 +245,8 @@ def start_model_server(
     ]
     if allow_version_labels_for_unavailable_models:
         command.append("--allow_version_labels_for_unavailable_models")
+    if xla_cpu_compilation_enabled:
+        command.append("--xla_cpu_compilation_enabled=true")
     config_poll = devserver_kwargs.get("model_config_file_poll_wait_seconds")
     if config_poll:
         command.append(f"--model_config_file_poll_wait_seconds={max(1, round(config_poll))}")

@@ -141,3 +141,32 @@ def test_describe_records_what_the_module_does(translator):
     assert record["decode_settings"] == dataclasses.asdict(SETTINGS)
     assert record["max_source_tokens"] == MAX_LENGTH - 1
     assert record["nbest"] == SETTINGS.beam_size
+
+
+def test_xla_compiled_search_equals_the_op_by_op_search_at_every_bucket_edge(translator):
+    """`jit_compile=True` pads the ids to a shape bucket and cuts the results back. Batches of
+    1, 3 (bucket 4), 9 (bucket 16, 7 repeated rows) and lengths 2, 9 (bucket 16) and 16 (the
+    positional table's end, never padded past it) give the op-by-op search's ids, width and
+    scores; the recorded settings say it is compiled."""
+    compiled = Translator(translator.model, translator.tokenizer, SETTINGS, jit_compile=True)
+    assert compiled.describe()["jit_compile"] is True
+    assert translator.describe()["jit_compile"] is False
+    rng = np.random.default_rng(3)
+    config = translator.model.config
+    for batch, length in ((1, 2), (3, 9), (9, 16), (2, 16)):
+        ids = rng.integers(4, config.vocab_size, size=(batch, length)).astype("int32")
+        # Rows of different real lengths: eos, then padding.
+        for row in range(batch):
+            end = rng.integers(1, length + 1)
+            ids[row, end - 1] = config.eos_id
+            ids[row, end:] = config.pad_id
+        ids = tf.constant(ids)
+        for signature in ("greedy_ids", "beam_ids"):
+            want = getattr(translator, signature)(ids)
+            got = getattr(compiled, signature)(ids)
+            where = f"{signature} batch {batch} length {length}"
+            assert got["target_ids"].shape == want["target_ids"].shape, where
+            np.testing.assert_array_equal(got["target_ids"], want["target_ids"], err_msg=where)
+            np.testing.assert_allclose(got["scores"], want["scores"], rtol=1e-4, err_msg=where)
+    sentences = ["A man.", "", "Two dogs play in the snow near a big red house."]
+    assert compiled.translate(sentences) == translator.translate(sentences)
