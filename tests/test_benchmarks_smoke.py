@@ -111,3 +111,24 @@ def test_training_step_ab_times_every_variant_in_turns(tmp_path):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert bad.returncode == 2 and "'ours,fast'" in bad.stderr
+
+
+def test_decoding_rows_are_named_by_export_and_compared_with_the_same_search():
+    """Each export's rows carry its precision and XLA compilation in their names, and every
+    row of a search is compared with CTranslate2's run of that search and batch (none for the
+    uncached loop)."""
+    from benchmarks.decoding_throughput import _reference_key, export_label
+
+    assert export_label({}) == "savedmodel"  # an export made before the fields existed
+    assert export_label({"compute_dtype": "bfloat16"}) == "savedmodel_bfloat16"
+    assert export_label({"compute_dtype": "float32", "jit_compile": True}) == "savedmodel_xla"
+    assert (
+        export_label({"compute_dtype": "bfloat16", "jit_compile": True})
+        == "savedmodel_bfloat16_xla"
+    )
+    for label in ("savedmodel", "savedmodel_bfloat16", "savedmodel_xla", "savedmodel_bfloat16_xla"):
+        assert _reference_key(f"{label}_greedy", 1, 4) == "greedy_b1"
+        assert _reference_key(f"{label}_beam4", 32, 4) == "beam4_b32"
+    assert _reference_key("greedy", 32, 4) == "greedy_b32"  # the in-process rows
+    assert _reference_key("greedy_uncached", 1, 4) is None
+    assert _reference_key("savedmodel_beam5", 1, 4) is None  # another beam than the reference's
