@@ -10,6 +10,8 @@ Variants (`--variants`, comma-separated; the first is the baseline):
   `ours`        the training step as runs compile it
   `keras_adam`  Keras' own `keras.optimizers.Adam` (same settings and schedule) instead of ours
   `jit`         `jit_compile=True`
+  `keras_ln`    Keras' own `keras.layers.LayerNormalization` (automatic differentiation)
+                instead of our `LayerNorm` (hand-written gradient) in every residual block
 
     .venv/bin/python benchmarks/training_step_ab.py --preset small --mode mixed_bfloat16 \
         --variants keras_adam,ours --steps 40 --output benchmarks/results/training_step_ab.json
@@ -30,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.training_throughput import SHAPES  # noqa: E402
 from quiet_logs import add_verbose_argument, quiet_tensorflow  # noqa: E402
 
-VARIANTS = ("ours", "keras_adam", "jit")
+VARIANTS = ("ours", "keras_adam", "jit", "keras_ln")
 
 
 def build(preset: str, mode: str, variant: str):
@@ -46,7 +48,19 @@ def build(preset: str, mode: str, variant: str):
     keras.utils.set_random_seed(0)
     keras.mixed_precision.set_global_policy("float32" if mode == "float32" else mode)
     config = TransformerConfig.preset(preset)
-    model = build_transformer(config)
+    if variant == "keras_ln":
+        # ResidualBlock builds whatever `residual.LayerNorm` names: Keras' own, here.
+        from keras_transformer.layers import residual
+
+        ours, residual.LayerNorm = residual.LayerNorm, keras.layers.LayerNormalization
+        try:
+            model = build_transformer(config)
+        finally:
+            residual.LayerNorm = ours
+        norms = [n for n in model._flatten_layers() if n.name == "layer_norm"]
+        assert norms and all(type(n) is keras.layers.LayerNormalization for n in norms)
+    else:
+        model = build_transformer(config)
     opts = TrainConfig(mixed_precision=None if mode == "float32" else mode, jit_compile=False)
     if variant == "jit":
         opts = dataclasses.replace(opts, jit_compile=True)

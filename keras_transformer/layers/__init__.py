@@ -4,6 +4,7 @@ from keras_transformer.layers.decoder_layer import TransformerDecoderLayer
 from keras_transformer.layers.dropout import Dropout
 from keras_transformer.layers.encoder_layer import TransformerEncoderLayer
 from keras_transformer.layers.feed_forward import PositionwiseFeedForward
+from keras_transformer.layers.layer_norm import LayerNorm
 from keras_transformer.layers.masks import padding_mask
 from keras_transformer.layers.multi_head_attention import (
     HeadProjection,
@@ -19,6 +20,7 @@ from keras_transformer.layers.token_and_position_embedding import (
 __all__ = [
     "Dropout",
     "HeadProjection",
+    "LayerNorm",
     "MultiHeadAttention",
     "PositionwiseFeedForward",
     "ResidualBlock",

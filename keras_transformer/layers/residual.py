@@ -3,6 +3,7 @@
 import keras
 
 from keras_transformer.layers.dropout import Dropout
+from keras_transformer.layers.layer_norm import LayerNorm
 
 
 class ResidualBlock(keras.layers.Layer):
@@ -24,7 +25,7 @@ class ResidualBlock(keras.layers.Layer):
         self.epsilon = float(epsilon)
         self.dropout = float(dropout)
         self.pre_norm = norm_placement == "pre"
-        self.layer_norm = keras.layers.LayerNormalization(
+        self.layer_norm = LayerNorm(
             epsilon=self.epsilon, dtype=self.dtype_policy, name="layer_norm"
         )
         self.dropout_layer = Dropout(self.dropout, name="dropout")
@@ -33,14 +34,14 @@ class ResidualBlock(keras.layers.Layer):
         self.layer_norm.build(inputs_shape)
         self.built = True
 
-    def normalize_input(self, inputs):
+    def normalize_input(self, inputs, training=None):
         """What the sub-layer sees: the normalized input under pre-norm, else the input."""
-        return self.layer_norm(inputs) if self.pre_norm else inputs
+        return self.layer_norm(inputs, training=training) if self.pre_norm else inputs
 
     def call(self, inputs, sublayer_output, training=None):
         """Adds the sub-layer's output back to its input, normalizing after under post-norm."""
         outputs = inputs + self.dropout_layer(sublayer_output, training=training)
-        return outputs if self.pre_norm else self.layer_norm(outputs)
+        return outputs if self.pre_norm else self.layer_norm(outputs, training=training)
 
     def compute_output_shape(self, inputs_shape, sublayer_output_shape=None):
         return inputs_shape

@@ -86,13 +86,18 @@ class TransformerLayerBase(keras.layers.Layer):
     def _attend(self, attention, block, x, training=None, **kwargs):
         """`x` through one attention sub-layer and its residual block: `(output, weights)`."""
         attended, weights = attention(
-            block.normalize_input(x), return_attention_scores=True, training=training, **kwargs
+            block.normalize_input(x, training=training),
+            return_attention_scores=True,
+            training=training,
+            **kwargs,
         )
         return block(x, attended, training=training), weights
 
     def _feed_forward(self, x, training=None):
         block = self.feed_forward_block
-        transformed = self.feed_forward(block.normalize_input(x), training=training)
+        transformed = self.feed_forward(
+            block.normalize_input(x, training=training), training=training
+        )
         return block(x, transformed, training=training)
 
     def compute_output_shape(self, inputs_shape, *args, **kwargs):

@@ -178,3 +178,44 @@ def test_dropout_drops_at_its_rate_keeps_the_expectation_and_draws_new_masks():
     assert (restored.rate, restored.seed) == (0.1, 3)
     with pytest.raises(ValueError, match=r"Dropout rate must be in \[0, 1\), got 1.0"):
         Dropout(1.0)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-5), ("mixed_bfloat16", 2e-2)])
+def test_layer_norm_training_gradient_equals_keras_layer_normalization(dtype, tolerance):
+    """The hand-written TensorFlow gradient against automatic differentiation of Keras' own
+    layer norm, same weights: outputs, input gradient and both weight gradients (a gradient
+    with a dropped `- xhat * mean(g * xhat)` term, or `dgamma` summed over the wrong axis,
+    fails here). Inference runs Keras' layer itself: bit for bit the same outputs."""
+    if keras.config.backend() != "tensorflow":
+        pytest.skip("the hand-written gradient is TensorFlow's; other backends run Keras' norm")
+    import tensorflow as tf
+
+    from keras_transformer.layers import LayerNorm
+
+    ours = LayerNorm(epsilon=1e-6, dtype=dtype)
+    reference = keras.layers.LayerNormalization(epsilon=1e-6, dtype=dtype)
+    x = tf.constant(rng.normal(2.0, 3.0, size=(3, 5, 16)).astype("float32"))
+    ours.build(x.shape)
+    reference.build(x.shape)
+    ours.set_weights([rng.normal(1, 0.5, 16).astype("float32"), rng.normal(0, 0.5, 16)])
+    reference.set_weights(ours.get_weights())
+    upstream = tf.constant(rng.normal(size=(3, 5, 16)).astype("float32"))
+
+    def gradients(layer, **kwargs):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, **kwargs)
+            loss = tf.reduce_sum(tf.cast(y, tf.float32) * upstream)
+        return [y, *tape.gradient(loss, [x, *layer.trainable_variables])]
+
+    for got, want in zip(gradients(ours, training=True), gradients(reference), strict=True):
+        assert got.dtype == want.dtype
+        np.testing.assert_allclose(
+            np.asarray(tf.cast(got, tf.float32)),
+            np.asarray(tf.cast(want, tf.float32)),
+            rtol=tolerance,
+            atol=tolerance,
+        )
+    np.testing.assert_array_equal(np.asarray(ours(x)), np.asarray(reference(x)))
+    assert [w.path.split("/")[-1] for w in ours.weights] == ["gamma", "beta"]
+    assert LayerNorm.from_config(ours.get_config()).epsilon == 1e-6
