@@ -91,17 +91,19 @@ def test_a_ratio_needs_the_same_shapes_and_precision():
 
 def test_training_step_ab_times_every_variant_in_turns(tmp_path):
     """`benchmarks/training_step_ab.py` on the tiny preset: catches a variant that is not the
-    model it names (Keras' Adam variant still on ours: the benchmark asserts the type), a
-    variant left out of the turns, and a missing ratio to the baseline."""
+    model it names (Keras' Adam or Keras' layer norm variant still on ours: the benchmark
+    asserts the types), a variant left out of the turns, and a missing ratio to the
+    baseline."""
     output = tmp_path / "ab.json"
     command = [sys.executable, "benchmarks/training_step_ab.py", "--preset", "tiny"]
-    command += ["--variants", "keras_adam,ours", "--steps", "2", "--chunk", "1", "--warmup", "1"]
+    command += ["--variants", "keras_adam,keras_ln,ours", "--steps", "2", "--chunk", "1"]
+    command += ["--warmup", "1"]
     command += ["--output", str(output)]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(output.read_text())
-    assert list(report["variants"]) == ["keras_adam", "ours"]
+    assert list(report["variants"]) == ["keras_adam", "keras_ln", "ours"]
     for variant in report["variants"].values():
         assert variant["steps"] >= 2 and variant["step_s_median"] > 0
         assert variant["speedup_over_keras_adam"] > 0

@@ -270,3 +270,32 @@ def test_evaluate_prints_bleu_with_signature_and_chrf(resumed_run, tmp_path, sha
     assert result["chrf"] == pytest.approx(
         sacrebleu.corpus_chrf(hypotheses, [references[:12]]).score, abs=0.01
     )
+
+
+def test_averaging_study_scores_every_window_and_alpha_on_dev(
+    resumed_run, tmp_path, shared_data_dir
+):
+    """`benchmarks/averaging_study.py` on the tiny run: catches a window that does not average
+    the last N checkpoints, an alpha that does not reach the decoder, a best cell that is not
+    the highest dev BLEU, and a cell scored on other segments than asked."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import averaging_study
+
+    output = tmp_path / "study.json"
+    model_dir = resumed_run[0]
+    code = averaging_study.main(
+        [str(model_dir), "--last", "1,3", "--alphas", "0.6,1.0", "--limit", "8"]
+        + ["--dev", f"text:{shared_data_dir}/multi30k/val", "--output", str(output)]
+    )
+    assert code == 0
+    study = json.loads(output.read_text())
+    cells = study["cells"]
+    assert [(c["last"], c["alpha"]) for c in cells] == [(1, 0.6), (1, 1.0), (3, 0.6), (3, 1.0)]
+    assert cells[0]["checkpoint_steps"] == ["step-00000060.weights.h5"]
+    assert cells[2]["checkpoint_steps"] == [f"step-000000{s}.weights.h5" for s in (40, 50, 60)]
+    assert all(c["decoding"]["length_penalty_alpha"] == c["alpha"] for c in cells)
+    assert all(c["sentences"] == 8 for c in cells) and study["dev_segments"] == 8
+    best = max(c["bleu"] for c in cells)
+    assert study["best_on_dev"]["bleu"] == best
+    with pytest.raises(SystemExit):
+        averaging_study.main([str(model_dir), "--last", "five", "--output", str(output)])
