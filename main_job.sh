@@ -2,7 +2,7 @@
 # The main job: set up, train Multi30k EN->DE `small` (60 minutes on a 2-core CPU by default),
 # average checkpoints, score test_2016_flickr, export a SavedModel, serve it over gRPC and
 # translate through the client. Environment knobs:
-#   CONFIG=training/configs/NAME.yaml  MAX_MINUTES=60  MODEL_DIR=runs/...  PORT=8500  AVERAGE_LAST=5
+#   CONFIG=training/configs/NAME.yaml  MAX_MINUTES=60  MODEL_DIR=runs/...  PORT=8500  AVERAGE_LAST=20
 #   EXPORT_BASE=MODEL_DIR/exports
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -19,7 +19,7 @@ PY=.venv/bin/python
 
 $PY -m training.train --config "$CONFIG" \
   --set train.model_dir="$MODEL_DIR" --set train.max_minutes="$MAX_MINUTES"
-$PY -m training.average --model-dir "$MODEL_DIR" --last "${AVERAGE_LAST:-5}"
+$PY -m training.average --model-dir "$MODEL_DIR" --last "${AVERAGE_LAST:-20}"
 $PY -m training.curves --model-dir "$MODEL_DIR"
 # evaluate and export decode as the config's decode: section says (MODEL_DIR/decode_settings.json).
 $PY -m training.evaluate --model-dir "$MODEL_DIR" --corpus text:../shared/data/multi30k/test_2016_flickr \

@@ -155,8 +155,11 @@ def test_written_config_reads_back_equal(tmp_path):
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_load_and_decode_as_the_paper(path):
+    """Beam 4, outputs up to source + 50 (§6.1); the paper's alpha 0.6 except the Multi30k
+    recipe, whose alpha 1.0 was chosen on val (benchmarks/results/averaging_study_*.json)."""
     config = load_run_config([path])
-    assert config.decode == DecodeSettings(beam_size=4, length_penalty_alpha=0.6, extra_length=50)
+    alpha = 1.0 if path.name == "multi30k_en_de_small.yaml" else 0.6
+    assert config.decode == DecodeSettings(beam_size=4, length_penalty_alpha=alpha, extra_length=50)
     assert config.data.max_length <= config.transformer_config().max_length
 
 
