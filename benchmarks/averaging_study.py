@@ -3,7 +3,7 @@
 For each `--last N` (the last N step checkpoints averaged, `training.average`) and each length
 penalty alpha, translates the dev corpus with the run's own decoding (beam from its
 `decode_settings.json`) and scores it with sacreBLEU; the test sets are not read. Writes one
-JSON: every cell, the best one, and the run's default cell (last 5, the run's alpha).
+JSON: every cell and the best one.
 
     .venv/bin/python benchmarks/averaging_study.py runs/multi30k_en_de_small \
         --last 5,10,20 --alphas 0.6,1.0 --output benchmarks/results/averaging_study_DATE.json

@@ -219,3 +219,5 @@ def test_layer_norm_training_gradient_equals_keras_layer_normalization(dtype, to
     np.testing.assert_array_equal(np.asarray(ours(x)), np.asarray(reference(x)))
     assert [w.path.split("/")[-1] for w in ours.weights] == ["gamma", "beta"]
     assert LayerNorm.from_config(ours.get_config()).epsilon == 1e-6
+    with pytest.raises(ValueError, match="LayerNorm supports only center=True, got False"):
+        LayerNorm(center=False)
