@@ -14,7 +14,32 @@ class Adam(keras.optimizers.Adam):
     `ResourceApplyAdam` is one multithreaded pass that reads `w, m, v, g` and writes
     `w, m, v`. Other backends (JAX) and `amsgrad` use Keras' update. Variables, their
     names and checkpoints are Keras Adam's.
+
+    `rate_multiplier=True` adds a non-trainable variable `rate_multiplier` (1.0) that
+    multiplies the learning rate (its schedule's value). Callbacks set it between steps, as
+    training's `Cooldown` does from the wall clock, which a schedule of the step cannot see.
+    Off by default: it adds an optimizer variable, and saved optimizer state loads only into
+    the same variables.
     """
+
+    def __init__(self, *args, rate_multiplier=False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rate_multiplier = None
+        if rate_multiplier:
+            # A tracked optimizer variable, so the JAX trainer carries it in its state like
+            # `iterations` (a free variable would be traced in as a constant).
+            self.rate_multiplier = self.add_variable(
+                (), initializer="ones", dtype="float32", name="rate_multiplier"
+            )
+
+    def _get_current_learning_rate(self):
+        rate = super()._get_current_learning_rate()
+        if self.rate_multiplier is None:
+            return rate
+        return rate * self.rate_multiplier
+
+    def get_config(self):
+        return {**super().get_config(), "rate_multiplier": self.rate_multiplier is not None}
 
     def update_step(self, gradient, variable, learning_rate):
         if keras.config.backend() != "tensorflow" or self.amsgrad:

@@ -323,6 +323,14 @@ class TrainingBudget(UpdateCallback):
             return "max_minutes"
         return None
 
+    def progress(self, step):
+        """The fraction of the budget spent at `step`: of the steps or of the seconds, whichever
+        is further along (the one that will stop the run)."""
+        spent = step / self.max_steps
+        if self.max_seconds is not None:
+            spent = max(spent, self.elapsed() / self.max_seconds)
+        return min(spent, 1.0)
+
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
         self.start = time.monotonic()
@@ -349,6 +357,56 @@ class TrainingBudget(UpdateCallback):
 
     def on_train_end(self, logs=None):
         self.save(self.current_step())
+
+
+class Cooldown(UpdateCallback):
+    """Lowers the learning rate linearly to 0 over the last `fraction` of the training budget.
+
+    The budget is `TrainingBudget`'s: `max_steps` or `max_minutes`, whichever ends first. A
+    time budget's number of steps is not known in advance (it depends on the machine), so a
+    schedule of the step alone cannot end at 0 when the clock does; before every batch this
+    sets the optimizer's `rate_multiplier` (`keras_transformer.optimizers.Adam`) to
+    `min(1, (1 - progress) / fraction)`. The schedule's rate is used unchanged until the
+    cooldown starts. A resumed run continues from its saved clock.
+
+    Args:
+        budget: the run's `TrainingBudget` (listed before this callback).
+        fraction: in (0, 1); e.g. 0.3 cools down over the last 30% of the budget.
+        share: in a multi-process run, process 0's value of a float for every process (each
+            process would otherwise read its own clock and the replicas' rates would differ).
+    """
+
+    def __init__(self, budget, fraction, share=float):
+        super().__init__()
+        if isinstance(fraction, bool) or not 0.0 < float(fraction) < 1.0:
+            raise ValueError(f"cooldown fraction must be in (0, 1), got {fraction!r}")
+        self.budget = budget
+        self.fraction = float(fraction)
+        self.share = share
+        self.multiplier = None
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        optimizer = getattr(self.model.optimizer, "inner_optimizer", self.model.optimizer)
+        if getattr(optimizer, "rate_multiplier", None) is None:
+            raise ValueError(
+                "a cooldown needs an optimizer with a rate_multiplier variable "
+                "(keras_transformer.optimizers.Adam(rate_multiplier=True)), got "
+                f"{type(optimizer).__name__}"
+            )
+        self.variable = optimizer.rate_multiplier
+        self.multiplier = None
+
+    def on_train_batch_begin(self, batch, logs=None):
+        progress = self.share(self.budget.progress(self.current_step()))
+        multiplier = min(1.0, max(0.0, (1.0 - progress) / self.fraction))
+        if multiplier == self.multiplier:
+            return
+        # On JAX the trainer keeps variable values in its own state between steps; reading
+        # `self.model` (in current_step) synced that state out, so the next step reads this
+        # assignment back in.
+        self.variable.assign(multiplier)
+        self.multiplier = multiplier
 
 
 class TokenCount(keras.metrics.Metric):

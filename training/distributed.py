@@ -192,6 +192,17 @@ def agree(value: bool, group: ProcessGroup) -> bool:
     return bool(multihost_utils.broadcast_one_to_all(np.asarray(bool(value))))
 
 
+def from_chief(value: float, group: ProcessGroup) -> float:
+    """Process 0's `value` (a number) in every process: a quantity computed from a clock (the
+    cooldown's progress) must be the same everywhere, or the replicas train differently."""
+    if not group.multi_process:
+        return float(value)
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return float(multihost_utils.broadcast_one_to_all(np.asarray(float(value), np.float32)))
+
+
 def barrier(name: str, group: ProcessGroup) -> None:
     """Waits until every process reaches `name` (e.g. for process 0 to write the vocabulary)."""
     if group.multi_process:

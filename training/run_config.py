@@ -26,9 +26,17 @@ class ConfigError(ValueError):
     """A run config that cannot be used; the message names the key and value."""
 
 
-def _field(default: Any, minimum: int | float | None = None, exclusive: bool = False):
-    """A dataclass field whose value must be >= `minimum` (> when `exclusive`); `None` passes."""
-    return dataclasses.field(default=default, metadata={"minimum": minimum, "exclusive": exclusive})
+def _field(
+    default: Any,
+    minimum: int | float | None = None,
+    exclusive: bool = False,
+    below: int | float | None = None,
+):
+    """A dataclass field whose value must be >= `minimum` (> when `exclusive`) and, when given,
+    < `below`; `None` passes."""
+    return dataclasses.field(
+        default=default, metadata={"minimum": minimum, "exclusive": exclusive, "below": below}
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +106,9 @@ class TrainConfig:
             `mixed_bfloat16` where the hardware multiplies bfloat16 natively (a CPU with
             AVX512_BF16 or AMX, a GPU of compute capability 8.0 or newer, a TPU), else float32
             (`training.train.resolve_mixed_precision`).
+        cooldown_fraction: the last fraction of the budget (steps or minutes, whichever ends
+            first) over which the learning rate falls linearly to 0 (0: no cooldown, the
+            paper's schedule to the end). `training.callbacks.Cooldown`.
         jit_compile: `"auto"`, `True` or `False` (`model.compile`'s argument).
         strategy: `"default"` (one device) or `"mirrored"` (every local GPU).
         eval_every_steps: dev BLEU every N steps; 0 turns dev evaluation off.
@@ -113,6 +124,7 @@ class TrainConfig:
     steps_per_epoch: int = _field(1000, minimum=1)
     warmup_steps: int = _field(4000, minimum=1)
     learning_rate_scale: float = _field(1.0, minimum=0, exclusive=True)
+    cooldown_fraction: float = _field(0.0, minimum=0, below=1)
     gradient_accumulation_steps: int = _field(1, minimum=1)
     mixed_precision: Literal["mixed_bfloat16", "mixed_float16", "auto"] | None = None
     jit_compile: bool | Literal["auto"] = "auto"
@@ -259,6 +271,9 @@ def _typed_fields(cls: type, values: Mapping[str, Any], section: str) -> dict[st
             if value < minimum or (exclusive and value == minimum):
                 bound = f"greater than {minimum}" if exclusive else f"at least {minimum}"
                 raise ConfigError(f"{path}: must be {bound}, got {value!r}")
+        below = fields[key].metadata.get("below")
+        if below is not None and isinstance(value, (int, float)) and value >= below:
+            raise ConfigError(f"{path}: must be below {below}, got {value!r}")
         converted[key] = value
     return converted
 

@@ -36,6 +36,8 @@ def compile_model(model, config, opts):
         config.d_model,
         warmup_steps=opts.warmup_steps,
         scale=opts.learning_rate_scale,
+        # The cooldown (training.callbacks.Cooldown) scales the rate through this variable.
+        rate_multiplier=opts.cooldown_fraction > 0,
         gradient_accumulation_steps=(
             opts.gradient_accumulation_steps if opts.gradient_accumulation_steps > 1 else None
         ),
@@ -369,6 +371,12 @@ def train(run_config: RunConfig, group: distributed.ProcessGroup | None = None) 
         ),
         "budget": budget,
     }
+    if opts.cooldown_fraction:
+        callbacks["cooldown"] = cb.Cooldown(
+            budget,
+            opts.cooldown_fraction,
+            share=lambda value: distributed.from_chief(value, group),
+        )
     # Every process runs every callback (the same JAX computations in the same order, see
     # training.distributed.save_weights); only process 0 keeps what they write.
     callbacks["progress"] = cb.ProgressLogger(
