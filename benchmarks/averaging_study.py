@@ -1,9 +1,9 @@
-"""Checkpoint averaging window and length penalty of a finished run, chosen on `val` only.
+"""Checkpoint averaging window, length penalty and beam size of a finished run, chosen on `val`.
 
-For each `--last N` (the last N step checkpoints averaged, `training.average`) and each length
-penalty alpha, translates the dev corpus with the run's own decoding (beam from its
-`decode_settings.json`) and scores it with sacreBLEU; the test sets are not read. Writes one
-JSON: every cell and the best one.
+For each `--last N` (the last N step checkpoints averaged, `training.average`), each length
+penalty alpha and each beam size (`--beam-sizes`; by default the run's `decode_settings.json`
+beam), translates the dev corpus and scores it with sacreBLEU; the test sets are not read.
+Writes one JSON: every cell and the best one.
 
     .venv/bin/python benchmarks/averaging_study.py runs/multi30k_en_de_small \
         --last 5,10,20 --alphas 0.6,1.0 --output benchmarks/results/averaging_study_DATE.json
@@ -43,10 +43,19 @@ def main(argv=None) -> int:
     parser.add_argument("--target-lang", default="de")
     parser.add_argument("--last", type=lambda t: _numbers(t, int), default=[5, 10, 20])
     parser.add_argument("--alphas", type=lambda t: _numbers(t, float), default=[0.6, 1.0])
+    parser.add_argument(
+        "--beam-sizes",
+        type=lambda t: _numbers(t, int),
+        default=[None],
+        help="comma-separated beam sizes (default: the run's decode_settings.json beam)",
+    )
     parser.add_argument("--limit", type=int, help="only the first N dev segments (smoke tests)")
     parser.add_argument("--output", type=Path, required=True)
     add_verbose_argument(parser)
     args = parser.parse_args(argv)
+    bad = [size for size in args.beam_sizes if size is not None and size < 1]
+    if bad:
+        parser.error(f"--beam-sizes must be at least 1, got {bad[0]}")
     quiet_tensorflow()
 
     from training.average import average_checkpoints, select_checkpoints
@@ -59,25 +68,30 @@ def main(argv=None) -> int:
             args.model_dir, paths, args.model_dir / f"study_last{last}.weights.h5"
         )
         for alpha in args.alphas:
-            result = evaluate(
-                args.model_dir,
-                args.dev,
-                args.source_lang,
-                args.target_lang,
-                checkpoint=str(weights),
-                length_penalty_alpha=alpha,
-                limit=args.limit,
-                output=args.model_dir / f"study_last{last}_alpha{alpha}.{args.target_lang}.txt",
-            )
-            cell = {
-                "last": last,
-                "alpha": alpha,
-                "checkpoint_steps": [p.name for p in paths],
-                **{k: result[k] for k in ("bleu", "bleu_signature", "chrf", "sentences")},
-                "decoding": result["decode_settings"],
-            }
-            print(json.dumps({k: cell[k] for k in ("last", "alpha", "bleu", "chrf")}), flush=True)
-            cells.append(cell)
+            for beam in args.beam_sizes:
+                name = f"study_last{last}_alpha{alpha}" + (f"_beam{beam}" if beam else "")
+                result = evaluate(
+                    args.model_dir,
+                    args.dev,
+                    args.source_lang,
+                    args.target_lang,
+                    checkpoint=str(weights),
+                    beam_size=beam,
+                    length_penalty_alpha=alpha,
+                    limit=args.limit,
+                    output=args.model_dir / f"{name}.{args.target_lang}.txt",
+                )
+                cell = {
+                    "last": last,
+                    "alpha": alpha,
+                    "beam_size": result["decode_settings"]["beam_size"],
+                    "checkpoint_steps": [p.name for p in paths],
+                    **{k: result[k] for k in ("bleu", "bleu_signature", "chrf", "sentences")},
+                    "decoding": result["decode_settings"],
+                }
+                shown = ("last", "alpha", "beam_size", "bleu", "chrf")
+                print(json.dumps({k: cell[k] for k in shown}), flush=True)
+                cells.append(cell)
     best = max(cells, key=lambda cell: cell["bleu"])
     record = {
         "benchmark": "averaging_study",
@@ -87,7 +101,7 @@ def main(argv=None) -> int:
         "dev": args.dev,
         "dev_segments": cells[0]["sentences"],
         "cells": cells,
-        "best_on_dev": {k: best[k] for k in ("last", "alpha", "bleu")},
+        "best_on_dev": {k: best[k] for k in ("last", "alpha", "beam_size", "bleu")},
     }
     args.output.write_text(json.dumps(record, indent=2) + "\n")
     return 0

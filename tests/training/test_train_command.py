@@ -276,8 +276,8 @@ def test_averaging_study_scores_every_window_and_alpha_on_dev(
     resumed_run, tmp_path, shared_data_dir
 ):
     """`benchmarks/averaging_study.py` on the tiny run: catches a window that does not average
-    the last N checkpoints, an alpha that does not reach the decoder, a best cell that is not
-    the highest dev BLEU, and a cell scored on other segments than asked."""
+    the last N checkpoints, an alpha or beam size that does not reach the decoder, a best cell
+    that is not the highest dev BLEU, and a cell scored on other segments than asked."""
     sys.path.insert(0, str(ROOT))
     from benchmarks import averaging_study
 
@@ -291,6 +291,7 @@ def test_averaging_study_scores_every_window_and_alpha_on_dev(
     study = json.loads(output.read_text())
     cells = study["cells"]
     assert [(c["last"], c["alpha"]) for c in cells] == [(1, 0.6), (1, 1.0), (3, 0.6), (3, 1.0)]
+    assert all(c["beam_size"] == c["decoding"]["beam_size"] == 4 for c in cells)
     assert cells[0]["checkpoint_steps"] == ["step-00000060.weights.h5"]
     assert cells[2]["checkpoint_steps"] == [f"step-000000{s}.weights.h5" for s in (40, 50, 60)]
     assert all(c["decoding"]["length_penalty_alpha"] == c["alpha"] for c in cells)
@@ -299,3 +300,12 @@ def test_averaging_study_scores_every_window_and_alpha_on_dev(
     assert study["best_on_dev"]["bleu"] == best
     with pytest.raises(SystemExit):
         averaging_study.main([str(model_dir), "--last", "five", "--output", str(output)])
+    # Beam sizes reach the decoder too (and a beam of 0 is refused).
+    averaging_study.main(
+        [str(model_dir), "--last", "1", "--alphas", "1.0", "--beam-sizes", "1,2", "--limit", "8"]
+        + ["--dev", f"text:{shared_data_dir}/multi30k/val", "--output", str(output)]
+    )
+    cells = json.loads(output.read_text())["cells"]
+    assert [(c["beam_size"], c["decoding"]["beam_size"]) for c in cells] == [(1, 1), (2, 2)]
+    with pytest.raises(SystemExit):
+        averaging_study.main([str(model_dir), "--beam-sizes", "0", "--output", str(output)])
