@@ -32,15 +32,17 @@ def compile_model(model, config, opts):
     )
     from training import callbacks as cb
 
+    # The cooldown (training.callbacks.Cooldown) scales the rate through this variable; passed
+    # only when on, so the Keras Adam that benchmarks/training_step_ab.py swaps in still builds.
+    extra = {"rate_multiplier": True} if opts.cooldown_fraction > 0 else {}
     optimizer = transformer_optimizer(
         config.d_model,
         warmup_steps=opts.warmup_steps,
         scale=opts.learning_rate_scale,
-        # The cooldown (training.callbacks.Cooldown) scales the rate through this variable.
-        rate_multiplier=opts.cooldown_fraction > 0,
         gradient_accumulation_steps=(
             opts.gradient_accumulation_steps if opts.gradient_accumulation_steps > 1 else None
         ),
+        **extra,
     )
     token_count = cb.TokenCount(config.pad_id)
     model.compile(
