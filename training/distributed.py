@@ -184,12 +184,7 @@ def process_rows(dataset, group: ProcessGroup):
 def agree(value: bool, group: ProcessGroup) -> bool:
     """Process 0's `value` in every process: decisions taken from a clock (the time budget)
     must be the same everywhere, or one process stops while the others wait for it."""
-    if not group.multi_process:
-        return bool(value)
-    import numpy as np
-    from jax.experimental import multihost_utils
-
-    return bool(multihost_utils.broadcast_one_to_all(np.asarray(bool(value))))
+    return bool(from_chief(float(bool(value)), group))
 
 
 def from_chief(value: float, group: ProcessGroup) -> float:
