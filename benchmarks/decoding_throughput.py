@@ -1,12 +1,13 @@
 """Decoding throughput of the exported SavedModel against CTranslate2, interleaved in one run.
 
 Every decoder produces exactly `--output-length` tokens per sentence from `--source-length`
-source tokens (the shape of `../shared/perf/cpu_decode_anchor.py`: 24 -> 32, small preset),
-greedy and beam 4, batch 1 and 32. Rounds alternate the reference, CTranslate2 fp32
-(`cpu_decode_anchor.py --impls ct2`, its own process), and ours (its own process), with the
-same thread count; each number is the median time of a decode call after warm-up, encoder
-included. The ratio of a round is ours / the CTranslate2 run just before it; the summary is
-the median of ours over the median of CTranslate2.
+source tokens (24 -> 32, as `../shared/perf/cpu_decode_anchor.py`), greedy and beam 4, batch 1
+and 32. Rounds alternate the reference, CTranslate2 fp32 (the anchor's `ct2` worker in its own
+process, on the exports' own shape, read from their `transformer_config.json`: vocabulary,
+width, heads, feed-forward, layers), and ours (its own process), with the same thread count;
+each number is the median time of a decode call after warm-up, encoder included. The ratio
+of a round is ours / the CTranslate2 run just before it; the summary is the median of ours
+over the median of CTranslate2.
 
 Ours is the export's `greedy_ids`/`beam_ids` signatures (the graphs TF Serving runs, without
 tokenization), loaded with `tf.saved_model.load`; export with a fixed output length first:
@@ -53,6 +54,7 @@ import tensorflow as tf  # noqa: E402
 from keras_transformer import TransformerConfig, build_transformer  # noqa: E402
 from keras_transformer.decoding import uncached_greedy_search  # noqa: E402
 from keras_transformer.decoding.settings import DecodeSettings  # noqa: E402
+from keras_transformer.translation.model_dir import TRANSFORMER_CONFIG  # noqa: E402
 from keras_transformer.translation.translator import IDS_SPEC, Translator  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "decoding_throughput.json"
@@ -170,7 +172,7 @@ def measure_ours(args):
     """Our decoders in this process: rows of `{"decoder", "batch_size", tokens/s, ...}`."""
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     keras.utils.set_random_seed(0)
-    config = TransformerConfig.preset(args.preset)
+    config = benchmark_config(args.saved_model, args.preset)
     decoders = {}
     if args.in_process:
         model = build_transformer(config)
@@ -189,26 +191,78 @@ def measure_ours(args):
     return rows
 
 
-def run_ct2(args):
-    """One CTranslate2 fp32 run of the anchor: `{"greedy_b1": tokens/s, "beam4_b32": ...}`."""
+def export_config(export_dir):
+    """The `TransformerConfig` an export was made from (`assets.extra/transformer_config.json`)."""
+    path = Path(export_dir) / "assets.extra" / TRANSFORMER_CONFIG
+    if not path.exists():
+        raise SystemExit(f"{export_dir} has no {path.name}: is it a serving.export output?")
+    return TransformerConfig.from_dict(json.loads(path.read_text()))
+
+
+def anchor_shape(config):
+    """A config's shape in the CTranslate2 anchor's terms (`../shared/perf/anchor_common.py`)."""
+    return {
+        "V": config.vocab_size,
+        "D": config.d_model,
+        "H": config.num_heads,
+        "FF": config.ffn_dim,
+        "NE": config.num_encoder_layers,
+        "ND": config.num_decoder_layers,
+    }
+
+
+def benchmark_config(saved_models, preset):
+    """The model every row of a run shares: the exports' own (they must agree, and `--preset`,
+    when given, must name the same shape), else `--preset`'s (default `small`). CTranslate2
+    then runs that shape: a d 128 export is compared with a d 128 reference, not the preset's."""
+    if not saved_models:
+        return TransformerConfig.preset(preset or "small")
+    configs = {str(path): export_config(path) for path in saved_models}
+    shapes = {path: anchor_shape(config) for path, config in configs.items()}
+    first = next(iter(shapes.values()))
+    if any(shape != first for shape in shapes.values()):
+        raise SystemExit(f"the exports differ in shape, time them in separate runs: {shapes}")
+    if preset and anchor_shape(TransformerConfig.preset(preset)) != first:
+        raise SystemExit(
+            f"--preset {preset} is {anchor_shape(TransformerConfig.preset(preset))}, the exports "
+            f"are {first}: leave --preset out to time the exports' shape"
+        )
+    return next(iter(configs.values()))
+
+
+# Runs in the CTranslate2 interpreter: the anchor's own worker, on the shape given as JSON in
+# argv[1] (the anchor's command line only knows its named shapes), its arguments in argv[2:].
+CT2_WORKER = """
+import json, sys
+sys.path.insert(0, {anchor_dir!r})
+import cpu_decode_anchor as anchor
+shape = json.loads(sys.argv[1])
+args = anchor.parse_args(sys.argv[2:])
+args.shape = "_".join(f"{{key}}{{value}}" for key, value in shape.items())
+print("RESULT " + json.dumps(anchor.worker_ct2(shape, args)), flush=True)
+"""
+
+
+def run_ct2(args, shape):
+    """One CTranslate2 fp32 run of the anchor's worker on `shape` (random weights):
+    `{"greedy_b1": tokens/s, "beam4_b32": ...}`."""
     import subprocess
     import tempfile
 
     with tempfile.TemporaryDirectory() as scratch:
-        out = Path(scratch) / "ct2.json"
         command = [
-            sys.executable, str(CT2_ANCHOR), "--shapes", args.preset, "--impls", "ct2",
-            "--ct2-python", args.ct2_python, "--ct2-compute-types", "float32",
+            args.ct2_python, "-c", CT2_WORKER.format(anchor_dir=str(CT2_ANCHOR.parent)),
+            json.dumps(shape), "--ct2-compute-types", "float32",
             "--batches", ",".join(map(str, args.batch_sizes)),
             "--beams", f"1,{args.beam_size}", "--src-len", str(args.source_length),
             "--tgt-len", str(args.output_length), "--threads", str(args.threads),
-            "--workdir", str(Path(scratch) / "work"), "--out", str(out),
+            "--workdir", scratch,
         ]  # fmt: skip
-        subprocess.run(command, check=True, capture_output=True, text=True)
-        record = json.loads(out.read_text())["shapes"][args.preset]
-    ct2 = record["impls"]["ct2"]
-    if "error" in ct2:
-        raise RuntimeError(f"CTranslate2 failed: {ct2}")
+        output = subprocess.run(command, capture_output=True, text=True, check=False)
+    results = [line for line in output.stdout.splitlines() if line.startswith("RESULT ")]
+    if output.returncode or not results:
+        raise RuntimeError(f"CTranslate2 failed on {shape}:\n{output.stderr[-3000:]}")
+    ct2 = json.loads(results[-1].removeprefix("RESULT "))
     # The anchor names runs `float32_greedy_b1`, `float32_beam4_b32`.
     return {key.removeprefix("float32_"): run["tokens_per_s"] for key, run in ct2["runs"].items()}
 
@@ -235,7 +289,9 @@ def _reference_key(decoder, batch_size, beam_size):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="small")
+    parser.add_argument(
+        "--preset", help="the in-process model's shape without --saved-model (default small)"
+    )
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--source-length", type=int, default=24)
     parser.add_argument("--output-length", type=int, default=32)
@@ -266,10 +322,11 @@ def main(argv=None):
     if args.in_process:
         args.forward.append("--in-process")
 
+    shape = anchor_shape(benchmark_config(args.saved_model, args.preset))
     load_before = os.getloadavg()
     rounds = []
     for index in range(args.rounds):
-        entry = {"ct2_float32": run_ct2(args) if args.ct2_python else None}
+        entry = {"ct2_float32": run_ct2(args, shape) if args.ct2_python else None}
         entry["ours"] = run_ours(args)
         for row in entry["ours"]:
             key = _reference_key(row["decoder"], row["batch_size"], args.beam_size)
@@ -314,13 +371,14 @@ def main(argv=None):
         + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "preset": args.preset,
+        "shape": shape,
         "saved_model": args.saved_model,
         "source_length": args.source_length,
         "output_length": args.output_length,
         "beam_size": args.beam_size,
         "threads": args.threads,
-        "reference": "CTranslate2 float32 (../shared/perf/cpu_decode_anchor.py --impls ct2), "
-        "random weights of the same shape, forced output length",
+        "reference": "CTranslate2 float32 (the worker of ../shared/perf/cpu_decode_anchor.py, "
+        "on `shape`), random weights of the same shape, forced output length",
         "graph": "tf.function, input_signature [None, None] int32; `_xla` rows: the search "
         "compiled by XLA (export --jit-compile), others op by op",
         "timing": f"median of >= {args.repeats} calls and >= {args.min_seconds} s after warmup",

@@ -134,3 +134,55 @@ def test_decoding_rows_are_named_by_export_and_compared_with_the_same_search():
     assert _reference_key("greedy", 32, 4) == "greedy_b32"  # the in-process rows
     assert _reference_key("greedy_uncached", 1, 4) is None
     assert _reference_key("savedmodel_beam5", 1, 4) is None  # another beam than the reference's
+
+
+def _fake_export(path, config):
+    """An export folder holding only what the benchmark reads for the shape."""
+    (path / "assets.extra").mkdir(parents=True)
+    (path / "assets.extra" / "transformer_config.json").write_text(json.dumps(config.to_dict()))
+    return path
+
+
+def test_the_decoding_reference_runs_the_exports_shape_not_the_presets(tmp_path):
+    """A d 128 export is compared with CTranslate2 at d 128: the shape comes from the export,
+    exports of two shapes or a `--preset` of another shape are refused, naming the shapes, and
+    the mapping names the anchor's own shapes for the presets it knows."""
+    from benchmarks.decoding_throughput import anchor_shape, benchmark_config
+    from keras_transformer import TransformerConfig
+
+    sys.path.insert(0, str(ROOT.parent / "shared" / "perf"))
+    from anchor_common import SHAPES
+
+    assert anchor_shape(TransformerConfig.preset("small")) == SHAPES["small"]
+    assert anchor_shape(TransformerConfig.preset("base")) == SHAPES["base"]
+    narrow = TransformerConfig.preset("small", d_model=128, ffn_dim=512)
+    one = _fake_export(tmp_path / "a", narrow)
+    two = _fake_export(tmp_path / "b", narrow)
+    assert anchor_shape(benchmark_config([one, two], None)) == dict(SHAPES["small"], D=128, FF=512)
+    assert benchmark_config(None, None) == TransformerConfig.preset("small")
+    with pytest.raises(SystemExit, match="'D': 128.*'D': 256"):
+        benchmark_config(
+            [one, _fake_export(tmp_path / "c", TransformerConfig.preset("small"))], None
+        )
+    with pytest.raises(SystemExit, match="--preset small"):
+        benchmark_config([one], "small")
+
+
+CT2_PYTHON = os.environ.get("CT2_PYTHON", "/tmp/ct2env/bin/python")
+
+
+@pytest.mark.skipif(not os.path.exists(CT2_PYTHON), reason="no CTranslate2 interpreter")
+def test_the_ctranslate2_reference_runs_a_shape_the_anchor_does_not_name(tmp_path):
+    from argparse import Namespace
+
+    from benchmarks.decoding_throughput import run_ct2
+
+    args = Namespace(
+        ct2_python=CT2_PYTHON, batch_sizes=[1, 2], beam_size=2, source_length=5,
+        output_length=6, threads=1,
+    )  # fmt: skip
+    runs = run_ct2(args, dict(V=50, D=24, H=2, FF=40, NE=1, ND=2))
+    assert sorted(runs) == ["beam2_b1", "beam2_b2", "greedy_b1", "greedy_b2"]
+    assert all(value > 0 for value in runs.values())
+    with pytest.raises(RuntimeError, match="'D': 25"):
+        run_ct2(args, dict(V=50, D=25, H=2, FF=40, NE=1, ND=2))  # heads do not divide 25
