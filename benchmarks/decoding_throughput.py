@@ -222,10 +222,11 @@ def benchmark_config(saved_models, preset):
     first = next(iter(shapes.values()))
     if any(shape != first for shape in shapes.values()):
         raise SystemExit(f"the exports differ in shape, time them in separate runs: {shapes}")
-    if preset and anchor_shape(TransformerConfig.preset(preset)) != first:
+    wanted = anchor_shape(TransformerConfig.preset(preset)) if preset else first
+    if wanted != first:
         raise SystemExit(
-            f"--preset {preset} is {anchor_shape(TransformerConfig.preset(preset))}, the exports "
-            f"are {first}: leave --preset out to time the exports' shape"
+            f"--preset {preset} is {wanted}, the exports are {first}: leave --preset out to "
+            "time the exports' shape"
         )
     return next(iter(configs.values()))
 

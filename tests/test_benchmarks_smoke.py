@@ -138,8 +138,10 @@ def test_decoding_rows_are_named_by_export_and_compared_with_the_same_search():
 
 def _fake_export(path, config):
     """An export folder holding only what the benchmark reads for the shape."""
+    from keras_transformer.translation.model_dir import TRANSFORMER_CONFIG
+
     (path / "assets.extra").mkdir(parents=True)
-    (path / "assets.extra" / "transformer_config.json").write_text(json.dumps(config.to_dict()))
+    (path / "assets.extra" / TRANSFORMER_CONFIG).write_text(json.dumps(config.to_dict()))
     return path
 
 
