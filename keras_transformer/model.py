@@ -7,6 +7,8 @@ from keras import ops
 
 from keras_transformer.config import TransformerConfig
 from keras_transformer.layers.attention_cache import (
+    ancestor_row_offsets,
+    ancestor_rows,
     cache_attention_mask,
     cache_row_offsets,
     initial_ancestry,
@@ -231,7 +233,8 @@ class Transformer(keras.Model):
             head_dim]`), `"source_mask"`, and weights laid out for the step, prepared once:
             `"self_attention_qkv"` (per layer, see `stacked_query_key_value`),
             `"step_weights"` (per layer, see `TransformerDecoderLayer.step_weights`),
-            `"cache_row_offsets"` (`attention_cache.cache_row_offsets`) and
+            `"cache_row_offsets"` (`attention_cache.cache_row_offsets`), with `beams > 1`
+            `"ancestor_row_offsets"` (`attention_cache.ancestor_row_offsets`), and
             `"output_kernel"` (`[d_model, vocab]`).
         """
         if isinstance(max_length, int) and max_length > self.config.max_length:
@@ -258,6 +261,10 @@ class Transformer(keras.Model):
         state["cache_row_offsets"] = cache_row_offsets(
             batch, self.config.num_heads, max_length, beams
         )
+        if beams > 1:
+            state["ancestor_row_offsets"] = ancestor_row_offsets(
+                batch, self.config.num_heads, max_length, beams
+            )
         state["source_mask"] = source_mask
         state["output_kernel"] = ops.cast(self.output_kernel(), memory.dtype)
         return state
@@ -285,7 +292,11 @@ class Transformer(keras.Model):
             ops.cast(token_ids, "int32")[:, None], start_index=index, training=False
         )
         ancestry = state["ancestry"]
-        cache_mask = cache_attention_mask(index, ops.shape(ancestry)[2], ancestry, beams)
+        cache_mask = cache_attention_mask(index, ops.shape(ancestry)[2])
+        # Beams read their ancestors' cache rows; the rows are the same for every layer.
+        rows = None
+        if beams > 1:
+            rows = ancestor_rows(ancestry, state["ancestor_row_offsets"])
         key_caches, value_caches = [], []
         for i, layer in enumerate(self.decoder_layers):
             hidden, key_cache, value_cache = layer.call_step(
@@ -302,6 +313,7 @@ class Transformer(keras.Model):
                 in_place=in_place,
                 row_offsets=state.get("cache_row_offsets"),
                 step_weights=state["step_weights"][i] if "step_weights" in state else None,
+                ancestor_rows=rows,
             )
             key_caches.append(key_cache)
             value_caches.append(value_cache)

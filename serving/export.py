@@ -67,6 +67,7 @@ def export(
     fixed_output_length=None,
     precision="float32",
     jit_compile=False,
+    concurrent_searches=4,
 ) -> Path:
     """Exports `model_dir`'s `Translator` to `output` (`BASE/NAME/VERSION`), atomically.
 
@@ -75,7 +76,8 @@ def export(
     `BASE/NAME` never loads a half-written version. `precision` `"bfloat16"` computes in
     bfloat16 with float32 weights (`layout.load_transformer`); score it before serving it.
     `jit_compile` compiles the searches with XLA (`Translator`): serve it with
-    `--xla_cpu_compilation_enabled=true`.
+    `--xla_cpu_compilation_enabled=true`; `concurrent_searches` then splits a batch into
+    shards searched at the same time (`Translator`).
     """
     output = Path(output)
     if not output.name.isdigit():
@@ -98,6 +100,7 @@ def export(
         precision,
         fixed_output_length=fixed_output_length,
         jit_compile=jit_compile,
+        concurrent_searches=concurrent_searches,
     )
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
@@ -148,6 +151,14 @@ def main(argv=None) -> int:
         "tensorflow_model_server then needs --xla_cpu_compilation_enabled=true, and "
         "translations may differ from the op-by-op graph's in rare ties (see README)",
     )
+    parser.add_argument(
+        "--concurrent-searches",
+        type=int,
+        default=4,
+        choices=(1, 2, 4, 8),
+        help="with --jit-compile: search a batch as up to N shards at once (of 4 rows or "
+        "more); results are unchanged (default 4)",
+    )
     add_verbose_argument(parser)
     args = parser.parse_args(argv)
     try:
@@ -162,6 +173,7 @@ def main(argv=None) -> int:
             fixed_output_length=args.fixed_output_length,
             precision=args.precision,
             jit_compile=args.jit_compile,
+            concurrent_searches=args.concurrent_searches,
         )
     except (FileNotFoundError, FileExistsError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

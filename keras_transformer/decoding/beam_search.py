@@ -6,12 +6,13 @@ from keras import ops
 
 from keras_transformer.decoding.common import (
     NEG_INF,
+    best_extensions,
     length_penalty,
     position_mask,
     start_search,
-    top_k_last_axis,
 )
 from keras_transformer.layers.attention_cache import reorder_ancestry
+from keras_transformer.layers.take_rows import take_rows
 
 
 def beam_search(
@@ -31,12 +32,12 @@ def beam_search(
 
     Every sentence keeps `beam_size` alive hypotheses and, separately, the `beam_size` best
     finished ones, so a hypothesis that produced eos is never extended (the bookkeeping of
-    tensor2tensor and the Model Garden). Each step scores the `beam_size * vocab` extensions of
-    a sentence with one top-k over `[batch, beam_size * vocab]` and keeps `2 * beam_size`
-    candidates: the best `beam_size` that do not end stay alive, and those that end (eos, or
-    the sentence's length limit) while ranked within the first `beam_size` join the finished
-    set, scored `log_prob / ((5 + length) / 6) ** alpha` (Wu et al., 2016). With
-    `beam_size=1` and `alpha=0` this is exactly greedy search.
+    tensor2tensor and the Model Garden). Each step keeps the `2 * beam_size` best of a
+    sentence's `beam_size * vocab` extensions (`best_extensions`, exact, in two stages): the
+    best `beam_size` that do not end stay alive, and those that end (eos, or the sentence's
+    length limit) while ranked within the first `beam_size` join the finished set, scored
+    `log_prob / ((5 + length) / 6) ** alpha` (Wu et al., 2016). With `beam_size=1` and
+    `alpha=0` this is exactly greedy search.
 
     A sentence is done when its `num_returned`-th best finished score is at least the best
     score an alive hypothesis could still reach (its log-prob can only fall; the penalty is
@@ -99,8 +100,6 @@ def beam_search(
     # Each step's caches feed only the next step: they can be written in place.
     state = model.init_decoder_state(memory, source_mask, bound, beams=beams, in_place=in_place)
     forbid_eos = ignore_eos or min_output_length > 0
-    # Tokens ranked per beam: one more when eos may be masked out of them.
-    row_k = candidates + int(forbid_eos)
     limit_penalty = length_penalty(limits, alpha)
     # Row offsets of each sentence's first beam/candidate/finished slot in flattened tensors.
     sentence = ops.arange(batch, dtype="int32")[:, None]
@@ -109,7 +108,7 @@ def beam_search(
     def gather(values, flat_rows, width):
         """`values [batch, slots, ...]` at `flat_rows [batch * width]` -> `[batch, width, ...]`."""
         shape = ops.shape(values)
-        rows = ops.take(ops.reshape(values, (-1, *shape[2:])), flat_rows, axis=0)
+        rows = take_rows(ops.reshape(values, (-1, *shape[2:])), flat_rows)
         return ops.reshape(rows, (-1, width, *shape[2:]))
 
     def cond(index, tokens, alive_ids, alive_log_probs, finished, done, caches):
@@ -119,27 +118,14 @@ def beam_search(
         logits, new_state = model.decode_step(
             tokens, index, dict(state, **caches), beams=beams, in_place=in_place
         )
-        # Top-k in two stages, both exact: a sentence's best `candidates` extensions are among
-        # its beams' best `row_k` tokens each. Ranking raw logits per row (the log-softmax
-        # shift is per row) avoids writing `[batch * beams, vocab]` log-probs and sums.
-        row_logits, row_tokens = top_k_last_axis(logits, row_k)
-        if forbid_eos:
-            forbidden = ops.equal(row_tokens, config.eos_id)
-            if not ignore_eos:
-                forbidden = ops.logical_and(forbidden, index < min_output_length)
-            row_logits = ops.where(forbidden, NEG_INF, row_logits)
-        shift = ops.reshape(alive_log_probs, (-1,)) - ops.logsumexp(logits, axis=-1)
-        row_log_probs = ops.reshape(row_logits + shift[:, None], (-1, beams * row_k))
-        top_log_probs, top_indices = ops.top_k(row_log_probs, candidates)
-        top_indices = ops.cast(top_indices, "int32")
-        parents = ops.floor_divide(top_indices, row_k)
-        top_tokens = ops.reshape(
-            ops.take(
-                ops.reshape(row_tokens, (-1,)),
-                ops.reshape(sentence * (beams * row_k) + top_indices, (-1,)),
-                axis=0,
-            ),
-            (-1, candidates),
+        ban_eos = True if ignore_eos else index < min_output_length
+        top_log_probs, top_tokens, parents = best_extensions(
+            logits,
+            alive_log_probs,
+            beams,
+            candidates,
+            banned_token=config.eos_id if forbid_eos else None,
+            ban=ban_eos,
         )
         length = index + 1
         ends = ops.logical_or(ops.equal(top_tokens, config.eos_id), (length >= limits)[:, None])
@@ -155,8 +141,8 @@ def beam_search(
         alive_log_probs, picked = ops.top_k(ops.where(ends, NEG_INF, top_log_probs), beams)
         picked_rows = ops.reshape(sentence * candidates + ops.cast(picked, "int32"), (-1,))
         alive_ids = gather(candidate_ids, picked_rows, beams)
-        tokens = ops.take(ops.reshape(top_tokens, (-1,)), picked_rows, axis=0)
-        parent_rows = ops.take(ops.reshape(parents, (-1,)), picked_rows, axis=0)
+        tokens = take_rows(ops.reshape(top_tokens, (-1,)), picked_rows)
+        parent_rows = take_rows(ops.reshape(parents, (-1,)), picked_rows)
         cache_rows = ops.reshape(sentence * beams + ops.reshape(parent_rows, (-1, beams)), (-1,))
         # The caches stay where they are; the survivors inherit their parents' ancestry.
         caches = {

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 from keras import ops
 
+from keras_transformer.layers.take_rows import take_rows
+
 # Scores of impossible hypotheses. Finite, unlike -inf, so sums and differences of masked
 # scores never become NaN; anything below `NEG_INF / 2` counts as impossible.
 NEG_INF = -1.0e9
@@ -104,58 +106,100 @@ def check_source_ids(source_ids):
     return source_ids
 
 
-def top_k_last_axis(x, k):
-    """`ops.top_k(x, k)` for a wide last axis (a vocabulary), in two exact stages.
+def best_extensions(logits, alive_log_probs, beams, k, banned_token=None, ban=True):
+    """Each sentence's `k` best one-token extensions over its beams, by log-probability.
 
-    TensorFlow's CPU top-k took 3.2 ms for `[128, 8000]` with k = 9, as long as the step's
-    output projection. Splitting the axis into blocks, the top `k` values all lie in the `k`
-    blocks with the largest maxima (a value outside them is beaten by those `k` maxima), so a
-    max per block, a top-k over block maxima and a top-k over `k` gathered blocks give the same
-    values and ids (up to the order of exact ties).
+    An extension of hypothesis `j` by token `y` scores `alive_log_probs[j] + log_softmax(
+    logits[j])[y]`. Exact (up to the order of exact ties) and in two stages: split each row's
+    vocabulary into blocks; the sentence's `k` best extensions all lie in the `k` blocks, over
+    all its beams, whose best extension is largest (an extension outside them is beaten by
+    those `k` blocks' best). So a max per block, one top-k over `[batch, beams * blocks]` and
+    one over the `k` gathered blocks replace a top-k over `[batch, beams * vocab]`; the block
+    maxima also give each row's maximum for the log-softmax normalizer. On this CPU (XLA,
+    batch 32, beam 4, vocab 8000, d 128, output product included) a step took 0.97 ms against
+    1.44 ms for a top-k per row in two stages, a top-k per sentence and a separate
+    log-sum-exp.
 
     Args:
-        x: `[rows, width]` with a static width.
-        k: a Python int.
+        logits: float32 `[batch * beams, vocab]` with a static `vocab`, rows grouped by sentence
+            (row `i * beams + j` is slot `j` of sentence `i`).
+        alive_log_probs: float32 `[batch, beams]`, each hypothesis' log-probability so far.
+        beams: a Python int.
+        k: a Python int, at most `beams * vocab - 1`.
+        banned_token: a token id whose extensions score `NEG_INF` where `ban` holds (eos
+            before the minimum length), or `None`.
+        ban: a boolean scalar (Python or tensor).
 
     Returns:
-        `(values [rows, k], ids int32 [rows, k])`, sorted by value, descending.
+        `(log_probs float32 [batch, k], tokens int32 [batch, k], parents int32 [batch, k])`,
+        best first; `parents` are slots within the sentence.
     """
-    width = x.shape[-1]
-    block = _block_size(width, k)
+    vocab = logits.shape[-1]
+    shape = ops.shape(alive_log_probs)
+    sentence = ops.arange(shape[0], dtype="int32")[:, None]
+    # One block more when a banned token might be the best of its block.
+    picked_blocks = k + int(banned_token is not None)
+    block = _block_size(vocab, picked_blocks)
     if block is None:
-        values, ids = ops.top_k(x, k)
-        return values, ops.cast(ids, "int32")
-    blocks = width // block
-    body = x if blocks * block == width else x[:, : blocks * block]
-    body = ops.reshape(body, (-1, blocks, block))
-    _, best_blocks = ops.top_k(ops.max(body, axis=-1), k)
-    best_blocks = ops.cast(best_blocks, "int32")
-    # Gathers as flat row lookups: `take_along_axis` builds index grids (slower here).
-    rows = ops.arange(ops.shape(x)[0], dtype="int32")[:, None]
-    picked = ops.reshape(rows * blocks + best_blocks, (-1,))
-    candidates = ops.reshape(
-        ops.take(ops.reshape(body, (-1, block)), picked, axis=0), (-1, k * block)
+        shift = ops.reshape(alive_log_probs, (-1,)) - ops.logsumexp(logits, axis=-1)
+        scores = logits + shift[:, None]
+        ids = ops.arange(vocab, dtype="int32")
+        if banned_token is not None:
+            scores = ops.where(ops.logical_and(ids == banned_token, ban), NEG_INF, scores)
+        values, positions = ops.top_k(ops.reshape(scores, (-1, beams * vocab)), k)
+        positions = ops.cast(positions, "int32")
+        return values, positions % vocab, positions // vocab
+    blocks = vocab // block
+    body = logits if blocks * block == vocab else logits[:, : blocks * block]
+    # Block `b` is tokens `b, b + blocks, b + 2 * blocks, ...`: its max is a max across
+    # `block` rows of `[block, blocks]`, element by element, which vectorizes (a max over
+    # contiguous runs took 1.6x as long under XLA here).
+    block_max = ops.max(ops.reshape(body, (-1, block, blocks)), axis=1)
+    row_max = ops.max(block_max, axis=-1)
+    tail = None
+    if blocks * block < vocab:
+        # The tokens past `blocks * block` are always candidates.
+        tail = logits[:, blocks * block :]
+        row_max = ops.maximum(row_max, ops.max(tail, axis=-1))
+    normalizer = row_max + ops.log(ops.sum(ops.exp(logits - row_max[:, None]), axis=-1))
+    shift = ops.reshape(alive_log_probs, (-1,)) - normalizer
+    block_scores = ops.reshape(block_max + shift[:, None], (-1, beams * blocks))
+    _, best = ops.top_k(block_scores, picked_blocks)
+    best = ops.cast(best, "int32")
+    parents = best // blocks
+    rows = sentence * beams + parents
+    ids = (best % blocks)[:, :, None] + blocks * ops.arange(block, dtype="int32")[None, None, :]
+    # Gathers as flat lookups: `take_along_axis` builds index grids (slower here).
+    candidates = take_rows(
+        ops.reshape(logits, (-1,)), ops.reshape(rows[:, :, None] * vocab + ids, (-1,))
     )
-    candidate_ids = ops.reshape(
-        best_blocks[:, :, None] * block + ops.arange(block, dtype="int32")[None, None, :],
-        (-1, k * block),
+    row_shift = take_rows(shift, ops.reshape(rows, (-1,)))
+    candidates = ops.reshape(candidates, (-1, picked_blocks, block)) + ops.reshape(
+        row_shift, (-1, picked_blocks, 1)
     )
-    if blocks * block < width:
-        # The tail that does not fill a block is always a candidate.
-        tail = x[:, blocks * block :]
-        candidates = ops.concatenate([candidates, tail], axis=1)
-        tail_ids = ops.arange(blocks * block, width, dtype="int32")[None, :]
-        candidate_ids = ops.concatenate(
-            [candidate_ids, ops.zeros_like(tail[:, :1], dtype="int32") + tail_ids], axis=1
+    parents = ops.zeros_like(ids) + parents[:, :, None]
+    width = picked_blocks * block
+    candidates = ops.reshape(candidates, (-1, width))
+    ids, parents = ops.reshape(ids, (-1, width)), ops.reshape(parents, (-1, width))
+    if tail is not None:
+        tail_width = vocab - blocks * block
+        candidates = ops.concatenate(
+            [candidates, ops.reshape(tail + shift[:, None], (-1, beams * tail_width))], axis=1
         )
+        tail_ids = ops.tile(ops.arange(blocks * block, vocab, dtype="int32"), (beams,))
+        tail_parents = ops.repeat(ops.arange(beams, dtype="int32"), tail_width)
+        ids = ops.concatenate([ids, ops.zeros_like(parents[:, :1]) + tail_ids[None]], axis=1)
+        parents = ops.concatenate(
+            [parents, ops.zeros_like(parents[:, :1]) + tail_parents[None]], axis=1
+        )
+        width += beams * tail_width
+    if banned_token is not None:
+        candidates = ops.where(ops.logical_and(ids == banned_token, ban), NEG_INF, candidates)
     values, positions = ops.top_k(candidates, k)
-    count = ops.shape(candidates)[1]
-    ids = ops.take(
-        ops.reshape(candidate_ids, (-1,)),
-        ops.reshape(rows * count + ops.cast(positions, "int32"), (-1,)),
-        axis=0,
-    )
-    return values, ops.reshape(ids, (-1, k))
+    flat = ops.reshape(sentence * width + ops.cast(positions, "int32"), (-1,))
+    tokens = ops.reshape(take_rows(ops.reshape(ids, (-1,)), flat), (-1, k))
+    parents = ops.reshape(take_rows(ops.reshape(parents, (-1,)), flat), (-1, k))
+    return values, tokens, parents
 
 
 def _block_size(width, k):

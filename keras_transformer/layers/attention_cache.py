@@ -1,13 +1,16 @@
-"""The decoder's self-attention cache: layout, writes, and beam ancestry masks.
+"""The decoder's self-attention cache: layout, writes, and beam ancestry.
 
 Layout: one cache per layer for keys and one for values, each
 `[batch, heads, beams * max_length, head_dim]`. Row block `k * max_length + t` holds what beam
 *slot* `k` of a sentence computed at position `t`. Beam search never reorders the cache (a
 reorder is a copy of every cache at every step, which on a 2-core CPU cost as much as the
 matrix products). Instead it keeps an *ancestry* `[batch, beams, max_length]`: the slot whose
-row holds hypothesis `j`'s token at each position. Hypothesis `j` attends to all
-`beams * max_length` cached rows of its sentence, masked to its own ancestors; the extra
-products are `beams` times those of one row each, small next to the projections.
+row holds hypothesis `j`'s token at each position. Each step, hypothesis `j` reads its
+ancestors' rows (`ancestor_rows`, `gather_ancestors`: one gather per cache, `max_length` rows
+per hypothesis and head) and attends to them, masked to positions `<= index`. Attending to all
+`beams * max_length` rows of the sentence masked to the ancestors instead gives the same
+output with `beams` times the products: under XLA on this CPU the gather made a beam-4
+self-attention 3x faster (84 against 270 us a layer at batch 32, d 128).
 
 Writes, by default, return a new cache and leave the one they were given unchanged: a scatter
 of the step's rows (`ops.scatter_update`, `TensorScatterUpdate` on TensorFlow, which needs no
@@ -22,6 +25,7 @@ from __future__ import annotations
 from keras import ops
 
 from keras_transformer.layers import cache_writes_tf
+from keras_transformer.layers.take_rows import take_rows
 
 
 def empty_cache(
@@ -104,7 +108,7 @@ def reorder_ancestry(ancestry, parent_rows, index):
     shape = ops.shape(ancestry)
     beams, max_length = shape[1], shape[2]
     inherited = ops.reshape(
-        ops.take(ops.reshape(ancestry, (-1, max_length)), parent_rows, axis=0),
+        take_rows(ops.reshape(ancestry, (-1, max_length)), parent_rows),
         (-1, beams, max_length),
     )
     own = ops.arange(beams, dtype="int32")[None, :, None]
@@ -112,24 +116,42 @@ def reorder_ancestry(ancestry, parent_rows, index):
     return ops.where(decoded, inherited, own)
 
 
-def cache_attention_mask(index, max_length, ancestry=None, beams=1):
-    """Boolean mask of the cache rows each hypothesis may attend to at step `index`.
+def cache_attention_mask(index, max_length):
+    """Boolean `[1, 1, 1, max_length]`: the cache positions a step at `index` may attend to
+    (`<= index`), broadcastable to the step's scores `[batch, rows, heads, max_length]`."""
+    positions = ops.arange(max_length, dtype="int32")
+    return (positions <= ops.cast(index, "int32"))[None, None, None, :]
+
+
+def ancestor_row_offsets(batch_size, num_heads, max_length, beams):
+    """Int32 `[batch_size, 1, num_heads, max_length]`: the row of the cache flattened to
+    `[-1, head_dim]` that holds slot 0's key (value) for each sentence, head and position.
+    Slot `k`'s row is `k * max_length` further. It depends only on the shapes, so a search
+    computes it once (`Transformer.init_decoder_state`) and `ancestor_rows` adds the slots."""
+    sentence = ops.arange(batch_size, dtype="int32")[:, None, None, None]
+    head = ops.arange(num_heads, dtype="int32")[None, None, :, None]
+    position = ops.arange(max_length, dtype="int32")[None, None, None, :]
+    return (sentence * num_heads + head) * (beams * ops.cast(max_length, "int32")) + position
+
+
+def ancestor_rows(ancestry, row_offsets):
+    """Where each hypothesis' ancestors sit in a cache, for `gather_ancestors`.
+
+    Args:
+        ancestry: int32 `[batch, beams, max_length]` (see `reorder_ancestry`).
+        row_offsets: `ancestor_row_offsets(...)` for the caches' shape.
 
     Returns:
-        `[1, 1, 1, max_length]` without beams (positions `<= index`), else
-        `[batch, beams, 1, beams * max_length]` (hypothesis, head, cache row): positions
-        `<= index` in the slot that holds the hypothesis' ancestor there.
+        Int32 `[batch, beams, num_heads, max_length]`: for hypothesis `j` of a sentence, head
+        `h` and position `t`, the row of the cache flattened to `[-1, head_dim]` that holds
+        its ancestor's key (value) at `t`. The same for every layer, so a step computes it once.
     """
-    index = ops.cast(index, "int32")
-    positions = ops.arange(max_length, dtype="int32")
-    if beams == 1:
-        return (positions <= index)[None, None, None, :]
-    if ancestry is None:
-        raise ValueError(f"beams={beams} needs the ancestry of the hypotheses, got None")
-    slot_of_row = ops.repeat(ops.arange(beams, dtype="int32"), max_length)
-    ancestor_of_row = ops.tile(ancestry, (1, 1, beams))
-    mask = ops.logical_and(
-        ops.equal(ancestor_of_row, slot_of_row[None, None, :]),
-        ops.tile(positions <= index, (beams,))[None, None, :],
-    )
-    return mask[:, :, None, :]
+    max_length = ops.shape(ancestry)[2]
+    return row_offsets + ops.cast(ancestry, "int32")[:, :, None, :] * max_length
+
+
+def gather_ancestors(cache, rows):
+    """`cache [batch, heads, beams * max_length, head_dim]` at `ancestor_rows(...)` ->
+    `[batch, beams, heads, max_length, head_dim]`: each hypothesis' own history."""
+    # The static head size: no shape ops in the loop body.
+    return take_rows(ops.reshape(cache, (-1, cache.shape[-1])), rows)

@@ -111,6 +111,7 @@ class TransformerDecoderLayer(TransformerLayerBase):
         in_place=False,
         row_offsets=None,
         step_weights=None,
+        ancestor_rows=None,
     ):
         """Decodes one position.
 
@@ -119,7 +120,7 @@ class TransformerDecoderLayer(TransformerLayerBase):
                 (row `i * beams + k` is beam slot `k` of sentence `i`).
             key_cache, value_cache: `[batch, heads, beams * max_length, head_dim]`.
             cache_index: scalar int, the position being decoded.
-            cache_mask: the cache rows each row may attend to, from
+            cache_mask: the cache positions this step may attend to, from
                 `attention_cache.cache_attention_mask`.
             cross_key, cross_value: `[batch, heads, source_length, head_dim]` from
                 `compute_cross_key_value`, shared by the beams of a sentence.
@@ -133,6 +134,8 @@ class TransformerDecoderLayer(TransformerLayerBase):
                 search (computed here when `None`).
             step_weights: `self.step_weights()`, prepared once per search; `None` calls the
                 layers.
+            ancestor_rows: with `beams > 1`, `attention_cache.ancestor_rows` of the search's
+                ancestry, computed once per step for every layer.
 
         Returns:
             `(outputs [batch * beams, 1, model_dim], key_cache, value_cache)`.
@@ -149,6 +152,7 @@ class TransformerDecoderLayer(TransformerLayerBase):
             in_place=in_place,
             row_offsets=row_offsets,
             step_weights=None if step_weights is None else step_weights["self_attention"],
+            ancestor_rows=ancestor_rows,
         )
         x = block(inputs, attended)
         block = self.cross_attention_block

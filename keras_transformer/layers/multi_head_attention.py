@@ -3,7 +3,7 @@
 import keras
 from keras import ops
 
-from keras_transformer.layers.attention_cache import write_cache
+from keras_transformer.layers.attention_cache import gather_ancestors, write_cache
 from keras_transformer.layers.dropout import Dropout
 from keras_transformer.layers.masks import masked_fill_value
 
@@ -255,7 +255,8 @@ class MultiHeadAttention(keras.layers.Layer):
         `rows=False`: `query [b, h, q, d]`, result `(context [b, h, q, d], weights [b, h, q, k])`.
         `rows=True`: `query [b, q, h, d]` (a decoding step's rows), result
         `(context [b, q, h, d], weights [b, q, h, k])`, products by `_rowwise_products`.
-        `key`, `value`: `[b, h, k, d]`; `attention_mask` broadcastable to the weights.
+        `key`, `value`: `[b, h, k, d]`, or with `rows=True` also `[b, q, h, k, d]` (each row's
+        own keys, see `call_cached`); `attention_mask` broadcastable to the weights.
         """
         query = query * ops.cast(self.key_dim**-0.5, query.dtype)
         if rows:
@@ -305,6 +306,7 @@ class MultiHeadAttention(keras.layers.Layer):
         in_place=False,
         row_offsets=None,
         step_weights=None,
+        ancestor_rows=None,
     ):
         """Causal self-attention for one decoding step, writing into a preallocated cache.
 
@@ -318,6 +320,8 @@ class MultiHeadAttention(keras.layers.Layer):
             attention_mask: from `attention_cache.cache_attention_mask` for this step (the
                 same for every layer, so the caller builds it once).
             beams: slots per sentence (a Python int).
+            ancestor_rows: required when `beams > 1`: `attention_cache.ancestor_rows` of the
+                search's ancestry; each hypothesis attends to its ancestors' rows only.
             qkv: `stacked_query_key_value()`, prepared once per search; `None` calls the
                 three projections.
             in_place: write the caches in their own buffers (`attention_cache.write_cache`);
@@ -349,9 +353,14 @@ class MultiHeadAttention(keras.layers.Layer):
             value_cache, step_value, cache_index, beams, in_place, row_offsets
         )
         rows = ops.reshape(step_query, (-1, beams, self.num_heads, self.key_dim))
-        output = self.attend_projected_rows(
-            rows, key_cache, value_cache, attention_mask, step_weights
-        )
+        keys, values = key_cache, value_cache
+        if beams > 1:
+            if ancestor_rows is None:
+                raise ValueError(f"beams={beams} needs ancestor_rows (the beams' ancestry)")
+            # [batch, beams, heads, max_length, head_dim]: each hypothesis' own history.
+            keys = gather_ancestors(key_cache, ancestor_rows)
+            values = gather_ancestors(value_cache, ancestor_rows)
+        output = self.attend_projected_rows(rows, keys, values, attention_mask, step_weights)
         return ops.reshape(output, (-1, 1, model_dim)), key_cache, value_cache
 
     def stacked_query_key_value(self):
@@ -409,6 +418,7 @@ def _matmul_2d(x, weights, width):
 def _rowwise_products(rows, matrix, transpose):
     """`rows [b, q, h, n] x matrix [b, h, k, n]^T -> [b, q, h, k]` (`transpose=True`), or
     `rows [b, q, h, k] x matrix [b, h, k, n] -> [b, q, h, n]`, one query row at a time.
+    `matrix` may also be `[b, q, h, k, n]`, a matrix per row (a hypothesis' own history).
 
     On TensorFlow each (sentence, row, head) becomes a batch entry of a matrix-vector product
     with `matrix` broadcast to it: for a decoding step's shapes that was 4-12x faster than the
@@ -416,14 +426,17 @@ def _rowwise_products(rows, matrix, transpose):
     `[128] x [4, 64] x [64, 128]`). Other backends get the einsum, which XLA compiles without
     broadcasting `matrix`.
     """
+    per_row = len(matrix.shape) == 5
     if keras.config.backend() == "tensorflow":
         import tensorflow as tf
 
-        product = tf.matmul(rows[:, :, :, None, :], matrix[:, None], transpose_b=transpose)
+        matrix = matrix if per_row else matrix[:, None]
+        product = tf.matmul(rows[:, :, :, None, :], matrix, transpose_b=transpose)
         return product[:, :, :, 0, :]
+    matrix_axes = "bqhkn" if per_row else "bhkn"
     if transpose:
-        return ops.einsum("bqhn,bhkn->bqhk", rows, matrix)
-    return ops.einsum("bqhk,bhkn->bqhn", rows, matrix)
+        return ops.einsum(f"bqhn,{matrix_axes}->bqhk", rows, matrix)
+    return ops.einsum(f"bqhk,{matrix_axes}->bqhn", rows, matrix)
 
 
 def _heads_first(x):

@@ -7,6 +7,7 @@ import numpy as np
 from keras import ops
 
 from keras_transformer.layers.dropout import Dropout
+from keras_transformer.layers.take_rows import take_rows
 
 
 def sinusoidal_position_encoding(max_length: int, dim: int) -> np.ndarray:
@@ -108,12 +109,10 @@ class TokenAndPositionEmbedding(keras.layers.Layer):
             # use `Transformer.output_kernel()`, transposed once per search.
             return ops.tensordot(inputs, embeddings, axes=([2], [1]))
         ids = ops.cast(inputs, "int32")
-        embedded = ops.take(self.embeddings, ids, axis=0) * ops.cast(self.scale, self.compute_dtype)
+        embedded = take_rows(self.embeddings, ids) * ops.cast(self.scale, self.compute_dtype)
         # A gather rather than a slice: JAX traces the functional graph with a symbolic length,
         # which `slice` cannot take as a size.
-        positions = ops.take(
-            self.position_encoding, ops.arange(ops.shape(ids)[1]) + start_index, axis=0
-        )
+        positions = take_rows(self.position_encoding, ops.arange(ops.shape(ids)[1]) + start_index)
         embedded = embedded + ops.cast(positions, embedded.dtype)[None]
         return self.dropout_layer(embedded, training=training)
 

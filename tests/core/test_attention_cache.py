@@ -1,5 +1,5 @@
 """The decoder cache: default writes leave the caller's state alone, in-place writes (the
-searches' opt-in) equal them, ancestry bookkeeping, masks, top-k."""
+searches' opt-in) equal them, ancestry bookkeeping, ancestor rows."""
 
 import keras
 import numpy as np
@@ -8,10 +8,12 @@ import tensorflow as tf
 
 from keras_transformer import TransformerConfig, build_transformer
 from keras_transformer.decoding import greedy_search
-from keras_transformer.decoding.common import top_k_last_axis
 from keras_transformer.layers.attention_cache import (
+    ancestor_row_offsets,
+    ancestor_rows,
     cache_attention_mask,
     empty_cache,
+    gather_ancestors,
     initial_ancestry,
     reorder_ancestry,
     write_cache,
@@ -139,26 +141,31 @@ def test_reorder_ancestry_follows_parents_then_own_slot():
     np.testing.assert_array_equal(numpy(ancestry)[0], [[2, 1, 0, 0], [2, 0, 1, 1], [2, 0, 2, 2]])
 
 
-def test_cache_mask_selects_each_hypothesis_ancestors():
-    ancestry = np.array([[[2, 1, 0, 0], [2, 0, 1, 1]]], "int32")  # 1 sentence, 2 slots
-    mask = numpy(cache_attention_mask(2, 4, ancestry[:, :, :], beams=2))
-    assert mask.shape == (1, 2, 1, 8)
-    # Rows are slot-major: slot 0 positions 0-3, then slot 1 positions 0-3.
-    np.testing.assert_array_equal(mask[0, 0, 0], [0, 0, 1, 0, 0, 1, 0, 0])
-    np.testing.assert_array_equal(mask[0, 1, 0], [0, 1, 0, 0, 0, 0, 1, 0])
+def test_each_hypothesis_reads_its_ancestors_rows():
+    """Catches ancestor rows that mix up slot, head or sentence order in the cache layout
+    (`[batch, heads, slots * max_length, head_dim]`), which would let a hypothesis attend to
+    another hypothesis' history."""
+    batch, heads, beams, length, head_dim = 2, 3, 2, 4, 1
+    # Each cache row holds its own (sentence, head, slot, position) as a number.
+    cache = np.zeros((batch, heads, beams * length, head_dim), "float32")
+    for b, h, k, t in np.ndindex(batch, heads, beams, length):
+        cache[b, h, k * length + t, 0] = 1000 * b + 100 * h + 10 * k + t
+    ancestry = np.array(
+        [[[1, 0, 0, 0], [1, 1, 0, 1]], [[0, 1, 1, 1], [1, 0, 1, 0]]], "int32"
+    )  # [sentence, hypothesis, position] -> slot
+    rows = ancestor_rows(ancestry, ancestor_row_offsets(batch, heads, length, beams))
+    assert tuple(rows.shape) == (batch, beams, heads, length)
+    gathered = numpy(gather_ancestors(tf.constant(cache), rows))[..., 0]
+    for b, j, h, t in np.ndindex(batch, beams, heads, length):
+        assert gathered[b, j, h, t] == 1000 * b + 100 * h + 10 * ancestry[b, j, t] + t
     np.testing.assert_array_equal(numpy(cache_attention_mask(1, 4)), [[[[1, 1, 0, 0]]]])
-    with pytest.raises(ValueError, match="beams=2 needs the ancestry"):
-        cache_attention_mask(1, 4, None, beams=2)
 
 
-@pytest.mark.parametrize("width", [8000, 7919, 300])
-def test_two_stage_top_k_equals_top_k(width):
-    rng = np.random.default_rng(width)
-    x = rng.normal(size=(16, width)).astype("float32")
-    x[3, :] = 0.0  # ties: values must still match
-    values, ids = top_k_last_axis(tf.constant(x), 9)
-    want_values, want_ids = tf.math.top_k(x, 9)
-    np.testing.assert_array_equal(numpy(values), want_values.numpy())
-    rows = np.arange(16) != 3
-    np.testing.assert_array_equal(numpy(ids)[rows], want_ids.numpy()[rows])
-    assert numpy(ids).dtype == np.int32
+def test_a_beam_step_without_ancestor_rows_is_refused():
+    model = build_transformer(TransformerConfig.preset("tiny"))
+    layer = model.decoder_layers[0].self_attention
+    key_cache, value_cache = empty_cache(1, 4, 3, 8, beams=2), empty_cache(1, 4, 3, 8, beams=2)
+    with pytest.raises(ValueError, match="beams=2 needs ancestor_rows"):
+        layer.call_cached(
+            tf.zeros((2, 1, 32)), key_cache, value_cache, 0, cache_attention_mask(0, 3), beams=2
+        )

@@ -12,7 +12,7 @@ from keras_transformer import TransformerConfig, build_transformer
 from keras_transformer.decoding.settings import DecodeSettings
 from keras_transformer.translation import model_dir as layout
 from keras_transformer.translation.tokenizer import check_vocabulary
-from keras_transformer.translation.translator import Translator
+from keras_transformer.translation.translator import MIN_SHARD_ROWS, Translator, shard_count
 
 MAX_LENGTH = 16
 SETTINGS = DecodeSettings(beam_size=2, batch_size=3, extra_length=3)
@@ -143,17 +143,39 @@ def test_describe_records_what_the_module_does(translator):
     assert record["nbest"] == SETTINGS.beam_size
 
 
+def test_shards_are_the_most_powers_of_two_of_four_rows_or_more():
+    """Catches a shard count that ignores `concurrent_searches` or makes shards of fewer than
+    `MIN_SHARD_ROWS` rows (at batch 1, four searches of one repeated sentence)."""
+    expected = {1: 1, 2: 1, 4: 1, 8: 2, 16: 4, 24: 4, 32: 4, 64: 4}
+    for bucket, count in expected.items():
+        assert int(shard_count(bucket, 4)) == count, bucket
+        assert int(shard_count(tf.constant(bucket), 4)) == count, bucket
+    assert int(shard_count(64, 8)) == 8 and int(shard_count(64, 2)) == 2
+    assert int(shard_count(64, 1)) == 1
+    assert MIN_SHARD_ROWS == 4
+    with pytest.raises(ValueError, match="concurrent_searches must be 1, 2, 4 or 8, got 3"):
+        Translator(
+            build_transformer(TransformerConfig.preset("tiny")),
+            None,
+            SETTINGS,
+            concurrent_searches=3,
+        )
+
+
 def test_xla_compiled_search_equals_the_op_by_op_search_at_every_bucket_edge(translator):
-    """`jit_compile=True` pads the ids to a shape bucket and cuts the results back. Batches of
-    1, 3 (bucket 4), 9 (bucket 16, 7 repeated rows) and lengths 2, 9 (bucket 16) and 16 (the
-    positional table's end, never padded past it) give the op-by-op search's ids, width and
-    scores; the recorded settings say it is compiled."""
+    """`jit_compile=True` pads the ids to a shape bucket, searches it in shards at once and
+    cuts the results back. Batches of 1, 3 (bucket 4, one shard), 8 (two shards), 9 (bucket 16,
+    7 repeated rows, four shards) and lengths 2, 9 (bucket 16) and 16 (the positional table's
+    end, never padded past it) give the op-by-op search's ids, width and scores; the recorded
+    settings say it is compiled."""
     compiled = Translator(translator.model, translator.tokenizer, SETTINGS, jit_compile=True)
     assert compiled.describe()["jit_compile"] is True
+    assert compiled.describe()["concurrent_searches"] == 4
     assert translator.describe()["jit_compile"] is False
+    assert translator.describe()["concurrent_searches"] == 1
     rng = np.random.default_rng(3)
     config = translator.model.config
-    for batch, length in ((1, 2), (3, 9), (9, 16), (2, 16)):
+    for batch, length in ((1, 2), (3, 9), (8, 5), (9, 16), (2, 16)):
         ids = rng.integers(4, config.vocab_size, size=(batch, length)).astype("int32")
         # Rows of different real lengths: eos, then padding.
         for row in range(batch):
