@@ -123,12 +123,17 @@ def test_decoding_rows_are_named_by_export_and_compared_with_the_same_search():
 
     assert export_label({}) == "savedmodel"  # an export made before the fields existed
     assert export_label({"compute_dtype": "bfloat16"}) == "savedmodel_bfloat16"
-    assert export_label({"compute_dtype": "float32", "jit_compile": True}) == "savedmodel_xla"
+    xla = {"compute_dtype": "float32", "jit_compile": True}
+    assert export_label({**xla, "concurrent_searches": 4}) == "savedmodel_xla"
+    # One search at a time: set, or an XLA export made before the option existed.
+    assert export_label({**xla, "concurrent_searches": 1}) == "savedmodel_xla_c1"
+    assert export_label(xla) == "savedmodel_xla_c1"
     assert (
-        export_label({"compute_dtype": "bfloat16", "jit_compile": True})
+        export_label({"compute_dtype": "bfloat16", "jit_compile": True, "concurrent_searches": 4})
         == "savedmodel_bfloat16_xla"
     )
-    for label in ("savedmodel", "savedmodel_bfloat16", "savedmodel_xla", "savedmodel_bfloat16_xla"):
+    labels = ("savedmodel", "savedmodel_bfloat16", "savedmodel_xla", "savedmodel_bfloat16_xla")
+    for label in (*labels, "savedmodel_xla_c1"):
         assert _reference_key(f"{label}_greedy", 1, 4) == "greedy_b1"
         assert _reference_key(f"{label}_beam4", 32, 4) == "beam4_b32"
     assert _reference_key("greedy", 32, 4) == "greedy_b32"  # the in-process rows
