@@ -55,7 +55,11 @@ from keras_transformer import TransformerConfig, build_transformer  # noqa: E402
 from keras_transformer.decoding import uncached_greedy_search  # noqa: E402
 from keras_transformer.decoding.settings import DecodeSettings  # noqa: E402
 from keras_transformer.translation.model_dir import TRANSFORMER_CONFIG  # noqa: E402
-from keras_transformer.translation.translator import IDS_SPEC, Translator  # noqa: E402
+from keras_transformer.translation.translator import (  # noqa: E402
+    DEFAULT_CONCURRENT_SEARCHES,
+    IDS_SPEC,
+    Translator,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "decoding_throughput.json"
 
@@ -114,7 +118,7 @@ def exported_decoders(export_dir, output_length):
 def export_label(record):
     """`savedmodel` for a float32 export, `savedmodel_bfloat16` for a `--precision bfloat16` one,
     with `_xla` for a `--jit-compile` one, and `_xla_c{n}` when it searches a batch in `n`
-    concurrent shards other than the default 4 (from its `export.json`; exports made before it
+    concurrent shards other than the default (from its `export.json`; exports made before it
     recorded `compute_dtype` are float32, before `jit_compile` op by op, before
     `concurrent_searches` one search at a time). Two XLA exports of different
     `--concurrent-searches` can so be timed in one run."""
@@ -123,7 +127,7 @@ def export_label(record):
     if not record.get("jit_compile"):
         return label
     searches = record.get("concurrent_searches", 1)
-    return f"{label}_xla" if searches == 4 else f"{label}_xla_c{searches}"
+    return f"{label}_xla" if searches == DEFAULT_CONCURRENT_SEARCHES else f"{label}_xla_c{searches}"
 
 
 def source_batch(config, batch_size, source_length, seed=0):

@@ -124,12 +124,13 @@ def test_decoding_rows_are_named_by_export_and_compared_with_the_same_search():
     assert export_label({}) == "savedmodel"  # an export made before the fields existed
     assert export_label({"compute_dtype": "bfloat16"}) == "savedmodel_bfloat16"
     xla = {"compute_dtype": "float32", "jit_compile": True}
-    assert export_label({**xla, "concurrent_searches": 4}) == "savedmodel_xla"
+    assert export_label({**xla, "concurrent_searches": 2}) == "savedmodel_xla"  # the default
+    assert export_label({**xla, "concurrent_searches": 4}) == "savedmodel_xla_c4"
     # One search at a time: set, or an XLA export made before the option existed.
     assert export_label({**xla, "concurrent_searches": 1}) == "savedmodel_xla_c1"
     assert export_label(xla) == "savedmodel_xla_c1"
     assert (
-        export_label({"compute_dtype": "bfloat16", "jit_compile": True, "concurrent_searches": 4})
+        export_label({"compute_dtype": "bfloat16", "jit_compile": True, "concurrent_searches": 2})
         == "savedmodel_bfloat16_xla"
     )
     labels = ("savedmodel", "savedmodel_bfloat16", "savedmodel_xla", "savedmodel_bfloat16_xla")

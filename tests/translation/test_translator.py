@@ -168,9 +168,13 @@ def test_xla_compiled_search_equals_the_op_by_op_search_at_every_bucket_edge(tra
     7 repeated rows, four shards) and lengths 2, 9 (bucket 16) and 16 (the positional table's
     end, never padded past it) give the op-by-op search's ids, width and scores; the recorded
     settings say it is compiled."""
-    compiled = Translator(translator.model, translator.tokenizer, SETTINGS, jit_compile=True)
+    compiled = Translator(
+        translator.model, translator.tokenizer, SETTINGS, jit_compile=True, concurrent_searches=4
+    )
     assert compiled.describe()["jit_compile"] is True
     assert compiled.describe()["concurrent_searches"] == 4
+    default = Translator(translator.model, translator.tokenizer, SETTINGS, jit_compile=True)
+    assert default.describe()["concurrent_searches"] == 2
     assert translator.describe()["jit_compile"] is False
     assert translator.describe()["concurrent_searches"] == 1
     rng = np.random.default_rng(3)
