@@ -23,8 +23,9 @@ IDS_SPEC = tf.TensorSpec([None, None], tf.int32, name="source_ids")
 
 # Rows of the smallest shard `Translator(concurrent_searches=...)` splits a bucket into.
 MIN_SHARD_ROWS = 4
-# One search per core of this 2-core CPU: 4 were 1.08x faster than 2 at d 128 but 0.93x at
-# d 256 (beam 4, batch 32; benchmarks/decoding_throughput.py with exports of each).
+# One search per core of this 2-core CPU: 4 were no faster than 2 at d 128 (1.12x against
+# 1.14x of CTranslate2) and slower at d 256 (1.01x against 1.04x), beam 4, batch 32
+# (benchmarks/decoding_throughput.py with exports of each, README).
 DEFAULT_CONCURRENT_SEARCHES = 2
 
 
@@ -76,9 +77,8 @@ class Translator(tf.Module):
             (a power of two, at least 4 rows each) searched at the same time. Sentences are
             searched independently, so results are unchanged; a step's small products leave
             the other core idle about half the time, and concurrent shards fill it (beam 4,
-            2 cores, against one search: d 128 batch 8 1.3x; d 256 batch 8, 16, 32 1.15x,
-            1.18x, 1.17x). About one per core; more compete for the caches (4 at d 256 were
-            slower than 2).
+            batch 32, 2 cores: 2 shards against one search 1.33x at d 128, 1.16x at d 256).
+            About one per core; more compete for the caches (4 at d 256 were slower than 2).
         name: module name.
 
     Example:
