@@ -300,8 +300,9 @@ class Transformer(keras.Model):
             rows = ancestor_rows(ancestry, state["ancestor_row_offsets"])
             if in_place and cache_writes_tf.available():
                 # Op by op (the only place in-place writes run) shapes may change from step
-                # to step: gather the decoded positions only, not all `max_length` (at batch
-                # 64 that made the default export's beam search 1.2x faster on Multi30k).
+                # to step: gather the decoded positions only, not all `max_length` (the
+                # default export then translated test_2016_flickr at batch 64 in 7.7 s
+                # against 11.0 s, README).
                 rows, cache_mask = rows[:, :, :, : ops.cast(index, "int32") + 1], None
         key_caches, value_caches = [], []
         for i, layer in enumerate(self.decoder_layers):

@@ -121,7 +121,8 @@ class TransformerDecoderLayer(TransformerLayerBase):
             key_cache, value_cache: `[batch, heads, beams * max_length, head_dim]`.
             cache_index: scalar int, the position being decoded.
             cache_mask: the cache positions this step may attend to, from
-                `attention_cache.cache_attention_mask`.
+                `attention_cache.cache_attention_mask`, or `None` when `ancestor_rows` hold
+                the decoded positions only.
             cross_key, cross_value: `[batch, heads, source_length, head_dim]` from
                 `compute_cross_key_value`, shared by the beams of a sentence.
             memory_padding_mask: boolean `[batch, source_length]`.

@@ -207,8 +207,10 @@ class Translator(tf.Module):
         """`search` as one XLA computation on `source_ids` padded to a shape bucket.
 
         Extra rows repeat the last sentence, so they finish when it does and add no steps;
-        extra columns are padding, which the encoder masks. The output is cut back to the
-        rows and the width (`loop_bound`) of the unpadded ids.
+        extra columns are padding, which the encoder masks. The bucket is searched as
+        `shard_count(...)` equal shards at once, each its own compiled search (one compiled
+        shape per shard size). The output is cut back to the rows and the width
+        (`loop_bound`) of the unpadded ids.
         """
         config = self.model.config
         shape = tf.shape(source_ids)
