@@ -117,17 +117,17 @@ def exported_decoders(export_dir, output_length):
 
 def export_label(record):
     """`savedmodel` for a float32 export, `savedmodel_bfloat16` for a `--precision bfloat16` one,
-    with `_xla` for a `--jit-compile` one, and `_xla_c{n}` when it searches a batch in `n`
+    with `_xla` for a `--jit-compile` one, and `_c{n}` when it searches a batch in `n`
     concurrent shards other than the default (from its `export.json`; exports made before it
     recorded `compute_dtype` are float32, before `jit_compile` op by op, before
-    `concurrent_searches` one search at a time). Two XLA exports of different
-    `--concurrent-searches` can so be timed in one run."""
+    `concurrent_searches` one search at a time). Exports of different `--concurrent-searches`
+    can so be timed in one run."""
     dtype = record.get("compute_dtype", "float32")
     label = "savedmodel" if dtype == "float32" else f"savedmodel_{dtype}"
-    if not record.get("jit_compile"):
-        return label
+    if record.get("jit_compile"):
+        label += "_xla"
     searches = record.get("concurrent_searches", 1)
-    return f"{label}_xla" if searches == DEFAULT_CONCURRENT_SEARCHES else f"{label}_xla_c{searches}"
+    return label if searches == DEFAULT_CONCURRENT_SEARCHES else f"{label}_c{searches}"
 
 
 def source_batch(config, batch_size, source_length, seed=0):

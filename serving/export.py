@@ -77,8 +77,8 @@ def export(
     `BASE/NAME` never loads a half-written version. `precision` `"bfloat16"` computes in
     bfloat16 with float32 weights (`layout.load_transformer`); score it before serving it.
     `jit_compile` compiles the searches with XLA (`Translator`): serve it with
-    `--xla_cpu_compilation_enabled=true`; `concurrent_searches` then splits a batch into
-    shards searched at the same time (`Translator`).
+    `--xla_cpu_compilation_enabled=true`. `concurrent_searches` splits a batch into shards
+    searched at the same time (`Translator`).
     """
     output = Path(output)
     if not output.name.isdigit():
@@ -157,9 +157,9 @@ def main(argv=None) -> int:
         type=int,
         default=DEFAULT_CONCURRENT_SEARCHES,
         choices=(1, 2, 4, 8),
-        help="with --jit-compile: search a batch as up to N shards at once (of 4 rows or "
-        f"more); results are unchanged (default {DEFAULT_CONCURRENT_SEARCHES}, one per core of "
-        "the 2-core CPU it was measured on)",
+        help="search a batch as up to N shards at once (of 4 rows or more; with "
+        "--jit-compile, of its shape bucket); results are unchanged (default "
+        f"{DEFAULT_CONCURRENT_SEARCHES}, one per core of the 2-core CPU it was measured on)",
     )
     add_verbose_argument(parser)
     args = parser.parse_args(argv)

@@ -121,8 +121,12 @@ def test_decoding_rows_are_named_by_export_and_compared_with_the_same_search():
     uncached loop)."""
     from benchmarks.decoding_throughput import _reference_key, export_label
 
-    assert export_label({}) == "savedmodel"  # an export made before the fields existed
-    assert export_label({"compute_dtype": "bfloat16"}) == "savedmodel_bfloat16"
+    # Exports made before the fields existed: float32, op by op, one search at a time.
+    assert export_label({}) == "savedmodel_c1"
+    assert export_label({"concurrent_searches": 2}) == "savedmodel"
+    bf16 = {"compute_dtype": "bfloat16", "concurrent_searches": 2}
+    assert export_label(bf16) == "savedmodel_bfloat16"
+    assert export_label({**bf16, "concurrent_searches": 4}) == "savedmodel_bfloat16_c4"
     xla = {"compute_dtype": "float32", "jit_compile": True}
     assert export_label({**xla, "concurrent_searches": 2}) == "savedmodel_xla"  # the default
     assert export_label({**xla, "concurrent_searches": 4}) == "savedmodel_xla_c4"
@@ -134,7 +138,7 @@ def test_decoding_rows_are_named_by_export_and_compared_with_the_same_search():
         == "savedmodel_bfloat16_xla"
     )
     labels = ("savedmodel", "savedmodel_bfloat16", "savedmodel_xla", "savedmodel_bfloat16_xla")
-    for label in (*labels, "savedmodel_xla_c1"):
+    for label in (*labels, "savedmodel_xla_c1", "savedmodel_c1"):
         assert _reference_key(f"{label}_greedy", 1, 4) == "greedy_b1"
         assert _reference_key(f"{label}_beam4", 32, 4) == "beam4_b32"
     assert _reference_key("greedy", 32, 4) == "greedy_b32"  # the in-process rows

@@ -73,12 +73,13 @@ class Translator(tf.Module):
             (INTERNAL "XLA compilation disabled"). Outputs agree with the op-by-op search up to
             float rounding (XLA fuses and reorders arithmetic): see the README for how often a
             translation differs.
-        concurrent_searches: with `jit_compile`, split a bucket into up to this many shards
-            (a power of two, at least 4 rows each) searched at the same time. Sentences are
-            searched independently, so results are unchanged; a step's small products leave
-            the other core idle about half the time, and concurrent shards fill it (beam 4,
-            batch 32, 2 cores: 2 shards against one search 1.33x at d 128, 1.16x at d 256).
-            About one per core; more compete for the caches (4 at d 256 were slower than 2).
+        concurrent_searches: split a batch (with `jit_compile`, its bucket) into up to this
+            many shards (a power of two, at least 4 rows each) searched at the same time.
+            Sentences are searched independently, so results are unchanged; a step's small
+            products leave the other core idle about half the time, and concurrent shards fill
+            it (XLA, beam 4, batch 32, 2 cores: 2 shards against one search 1.33x at d 128,
+            1.16x at d 256). About one per core; more compete for the caches (4 at d 256 were
+            slower than 2).
         name: module name.
 
     Example:
@@ -127,7 +128,7 @@ class Translator(tf.Module):
             "max_source_tokens": self.max_source_tokens,
             "fixed_output_length": self.fixed_output_length,
             "jit_compile": self.jit_compile,
-            "concurrent_searches": self.concurrent_searches if self.jit_compile else 1,
+            "concurrent_searches": self.concurrent_searches,
         }
 
     # -- text <-> ids ------------------------------------------------------------------------
@@ -179,7 +180,9 @@ class Translator(tf.Module):
         def run():
             if self.jit_compile:
                 return self._compiled_search(source_ids, beam_size, num_returned)
-            return self._search(source_ids, beam_size, num_returned)
+            return self._concurrently(
+                source_ids, lambda ids: self._search(ids, beam_size, num_returned)
+            )
 
         def nothing():
             return tf.zeros([0, num_returned, 1], tf.int32), tf.zeros([0, num_returned])
@@ -203,14 +206,35 @@ class Translator(tf.Module):
         )
         return result["target_ids"], result["scores"]
 
+    def _concurrently(self, source_ids, search):
+        """`search(source_ids)` as `shard_count(batch, concurrent_searches)` shards of rows
+        whose searches run at once (independent ops: TensorFlow's executor runs them in
+        parallel), their `(target_ids, scores)` concatenated in order."""
+        batch = tf.shape(source_ids)[0]
+        count = shard_count(batch, self.concurrent_searches)
+
+        def sharded(shards):
+            def run():
+                edges = [i * batch // shards for i in range(shards + 1)]
+                results = [search(source_ids[edges[i] : edges[i + 1]]) for i in range(shards)]
+                return tuple(tf.concat(parts, axis=0) for parts in zip(*results, strict=True))
+
+            return run
+
+        run, shards = sharded(1), 1
+        while shards < self.concurrent_searches:
+            shards *= 2
+            run = _either(tf.equal(count, shards), sharded(shards), run)
+        return run()
+
     def _compiled_search(self, source_ids, beam_size, num_returned):
         """`search` as one XLA computation on `source_ids` padded to a shape bucket.
 
         Extra rows repeat the last sentence, so they finish when it does and add no steps;
         extra columns are padding, which the encoder masks. The bucket is searched as
-        `shard_count(...)` equal shards at once, each its own compiled search (one compiled
-        shape per shard size). The output is cut back to the rows and the width
-        (`loop_bound`) of the unpadded ids.
+        `shard_count(...)` equal shards at once (`_concurrently`), each its own compiled
+        search (one compiled shape per shard size). The output is cut back to the rows and
+        the width (`loop_bound`) of the unpadded ids.
         """
         config = self.model.config
         shape = tf.shape(source_ids)
@@ -232,21 +256,7 @@ class Translator(tf.Module):
             jit_compile=True,
         )
 
-        def sharded(count):
-            def run():
-                # Independent ops: TensorFlow's executor runs the shards' searches at once.
-                rows = batch_bucket // count
-                results = [compiled(padded[i * rows : (i + 1) * rows]) for i in range(count)]
-                return tuple(tf.concat(parts, axis=0) for parts in zip(*results, strict=True))
-
-            return run
-
-        count = shard_count(batch_bucket, self.concurrent_searches)
-        run, candidate = sharded(1), 1
-        while candidate < self.concurrent_searches:
-            candidate *= 2
-            run = _either(tf.equal(count, candidate), sharded(candidate), run)
-        target_ids, scores = run()
+        target_ids, scores = self._concurrently(padded, compiled)
         width = loop_bound(
             config,
             length,
@@ -386,9 +396,10 @@ class Translator(tf.Module):
 
 
 def shard_count(batch_bucket, concurrent_searches):
-    """How many shards `Translator` searches a bucket of `batch_bucket` rows in: the most, a
-    power of two up to `concurrent_searches`, of at least `MIN_SHARD_ROWS` rows each. Buckets
-    are 1, 2, 4, 8, then multiples of 8, so the shards are equal. Int32 scalar tensor."""
+    """How many shards `Translator` searches a batch of `batch_bucket` rows in: the most, a
+    power of two up to `concurrent_searches`, of at least `MIN_SHARD_ROWS` rows each. The XLA
+    search's buckets are 1, 2, 4, 8, then multiples of 8, so its shards are equal; op by op
+    they differ by a row at most. Int32 scalar tensor."""
     count = tf.constant(1)
     for candidate in (2, 4, 8):
         if candidate <= concurrent_searches:
