@@ -23,9 +23,9 @@ IDS_SPEC = tf.TensorSpec([None, None], tf.int32, name="source_ids")
 
 # Rows of the smallest shard `Translator(concurrent_searches=...)` splits a bucket into.
 MIN_SHARD_ROWS = 4
-# One search per core of this 2-core CPU: 4 were no faster than 2 at d 128 (1.12x against
-# 1.14x of CTranslate2) and slower at d 256 (1.01x against 1.04x), beam 4, batch 32
-# (benchmarks/decoding_throughput.py with exports of each, README).
+# One search per core of this 2-core CPU. Beam 4, batch 32, XLA, against CTranslate2 in two
+# runs of benchmarks/decoding_throughput.py (README): 4 searches 1.12x and 1.34x against 2's
+# 1.14x and 1.23x at d 128, but 1.01x and 0.97x against 1.04x and 1.06x at d 256.
 DEFAULT_CONCURRENT_SEARCHES = 2
 
 
@@ -77,8 +77,8 @@ class Translator(tf.Module):
             many shards (a power of two, at least 4 rows each) searched at the same time.
             Sentences are searched independently, so results are unchanged; a step's small
             products leave the other core idle about half the time, and concurrent shards fill
-            it (XLA, beam 4, batch 32, 2 cores: 2 shards against one search 1.33x at d 128,
-            1.16x at d 256). About one per core; more compete for the caches (4 at d 256 were
+            it (XLA, beam 4, batch 32, 2 cores: 2 shards against one search 1.3x at d 128,
+            1.1-1.2x at d 256; op by op 1.14x and 1.04x). About one per core; more compete for the caches (4 at d 256 were
             slower than 2).
         name: module name.
 
