@@ -78,8 +78,8 @@ class Translator(tf.Module):
             Sentences are searched independently, so results are unchanged; a step's small
             products leave the other core idle about half the time, and concurrent shards fill
             it (XLA, beam 4, batch 32, 2 cores: 2 shards against one search 1.3x at d 128,
-            1.1-1.2x at d 256; op by op 1.14x and 1.04x). About one per core; more compete for the caches (4 at d 256 were
-            slower than 2).
+            1.1-1.2x at d 256; op by op 1.14x and 1.04x). About one per core; more compete
+            for the caches (4 at d 256 were slower than 2).
         name: module name.
 
     Example:
