@@ -24,7 +24,10 @@ from pathlib import Path
 import tensorflow as tf
 
 from keras_transformer.translation import model_dir as layout
-from keras_transformer.translation.translator import DEFAULT_CONCURRENT_SEARCHES
+from keras_transformer.translation.translator import (
+    CONCURRENT_SEARCHES,
+    DEFAULT_CONCURRENT_SEARCHES,
+)
 from quiet_logs import add_verbose_argument
 from serving.graph_ops import disallowed_ops
 
@@ -156,7 +159,7 @@ def main(argv=None) -> int:
         "--concurrent-searches",
         type=int,
         default=DEFAULT_CONCURRENT_SEARCHES,
-        choices=(1, 2, 4, 8),
+        choices=CONCURRENT_SEARCHES,
         help="search a batch as up to N shards at once (of 4 rows or more; with "
         "--jit-compile, of its shape bucket); results are unchanged (default "
         f"{DEFAULT_CONCURRENT_SEARCHES}, one per core of the 2-core CPU it was measured on)",

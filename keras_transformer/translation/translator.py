@@ -23,6 +23,8 @@ IDS_SPEC = tf.TensorSpec([None, None], tf.int32, name="source_ids")
 
 # Rows of the smallest shard `Translator(concurrent_searches=...)` splits a bucket into.
 MIN_SHARD_ROWS = 4
+# The values `concurrent_searches` may take: powers of two, so buckets split evenly.
+CONCURRENT_SEARCHES = (1, 2, 4, 8)
 # One search per core of this 2-core CPU. Beam 4, batch 32, XLA, against CTranslate2 in two
 # runs of benchmarks/decoding_throughput.py (README): 4 searches 1.12x and 1.34x against 2's
 # 1.14x and 1.23x at d 128, but 1.01x and 0.97x against 1.04x and 1.06x at d 256.
@@ -109,7 +111,7 @@ class Translator(tf.Module):
         self.fixed_output_length = fixed_output_length
         self.jit_compile = bool(jit_compile)
         concurrent_searches = int(concurrent_searches)
-        if concurrent_searches not in (1, 2, 4, 8):
+        if concurrent_searches not in CONCURRENT_SEARCHES:
             raise ValueError(f"concurrent_searches must be 1, 2, 4 or 8, got {concurrent_searches}")
         self.concurrent_searches = concurrent_searches
         # Source tokens plus eos fill the positional table; outputs are capped by the search.
@@ -401,7 +403,7 @@ def shard_count(batch_bucket, concurrent_searches):
     search's buckets are 1, 2, 4, 8, then multiples of 8, so its shards are equal; op by op
     they differ by a row at most. Int32 scalar tensor."""
     count = tf.constant(1)
-    for candidate in (2, 4, 8):
+    for candidate in CONCURRENT_SEARCHES[1:]:
         if candidate <= concurrent_searches:
             enough = tf.convert_to_tensor(batch_bucket) >= candidate * MIN_SHARD_ROWS
             count = tf.where(enough, candidate, count)
