@@ -72,9 +72,12 @@ def shape_of(config, batch: int, length: int) -> dict:
     )
 
 
-def measure_ours(preset, overrides, batch, length, steps, warmup_steps, dtype) -> dict:
-    """Trains `warmup_steps` untimed then `steps` timed steps; returns what it measured."""
-    import jax
+def build_ours(preset, overrides, length, rows, dtype):
+    """Our model compiled as `training.train` compiles it, and `rows` rows of random ids.
+
+    Returns `(model, config, x, y)`; `x` and `y` are numpy arrays `[rows, length]` without
+    padding or special tokens, for `model.fit`.
+    """
     import keras
     import numpy as np
 
@@ -104,30 +107,43 @@ def measure_ours(preset, overrides, batch, length, steps, warmup_steps, dtype) -
         metrics=[MaskedTokenAccuracy(pad_id=config.pad_id)],
     )
     rng = np.random.default_rng(0)
-    rows = max(steps, warmup_steps) * batch
     first_id = max(config.pad_id, config.bos_id, config.eos_id) + 1  # no padding, no specials
 
     def ids():
         return rng.integers(first_id, config.vocab_size, (rows, length)).astype("int32")
 
     x, y = {"source_ids": ids(), "target_ids": ids()}, ids()
+    return model, config, x, y
 
-    def wait_for_updates():
-        # fit dispatches steps asynchronously: the clock stops when the last update is done.
-        jax.block_until_ready([v.value for v in model.trainable_variables])
+
+def wait_for_updates(model):
+    """`fit` dispatches steps asynchronously: a clock stops when the last update is done."""
+    import jax
+
+    jax.block_until_ready([v.value for v in model.trainable_variables])
+
+
+def measure_ours(preset, overrides, batch, length, steps, warmup_steps, dtype) -> dict:
+    """Trains `warmup_steps` untimed then `steps` timed steps; returns what it measured."""
+    import jax
+    import keras
+    import numpy as np
+
+    rows = max(steps, warmup_steps) * batch
+    model, config, x, y = build_ours(preset, overrides, length, rows, dtype)
 
     class EpochClock(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
             self.start = time.perf_counter()
 
         def on_epoch_end(self, epoch, logs=None):
-            wait_for_updates()
+            wait_for_updates(model)
             self.seconds = time.perf_counter() - self.start
 
     fit = dict(batch_size=batch, epochs=1, shuffle=False, verbose=0)
     start = time.perf_counter()
     model.fit(x, y, steps_per_epoch=warmup_steps, **fit)
-    wait_for_updates()
+    wait_for_updates(model)
     warmup_seconds = time.perf_counter() - start
     clock = EpochClock()
     history = model.fit(x, y, steps_per_epoch=steps, callbacks=[clock], **fit)
@@ -316,7 +332,9 @@ def main(argv=None):
         print(json.dumps(result))
         return 0
 
-    env = dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=str(ROOT))
+    # Keep the caller's PYTHONPATH (packages installed with --target, say): ROOT goes first.
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=path)
     # The same share of accelerator memory the anchor gives its Keras-on-JAX reference.
     env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.85")
     tiny_reference = (args.preset, args.overrides, args.batch, args.length) != FULL_REFERENCE_RUN
