@@ -220,7 +220,7 @@ def summarise(events: list[dict], traced_steps: int) -> dict:
         "events": len(events),
         "by_category": table(category),
         "by_op": table(lambda e: op_kind(e["hlo_op"])),
-        "by_event": table(lambda e: e["name"]),
+        "by_event": table(lambda e: f"{e['name']} <- {' '.join(source_parts(e['tf_op'])[:2])}"),
         "by_pass": table(lambda e: source_parts(e["tf_op"])[0]),
         "by_primitive": table(lambda e: source_parts(e["tf_op"])[2]),
         "by_layer": table(lambda e: " ".join(source_parts(e["tf_op"])[:2])),
@@ -248,7 +248,7 @@ def markdown(report: dict) -> str:
         "by_op": "By HLO op kind",
         "by_primitive": "By JAX primitive",
         "by_layer": "By pass and layer",
-        "by_event": "By XLA op",
+        "by_event": "By XLA op (and the layer it came from)",
     }
     for key, title in titles.items():
         lines += [

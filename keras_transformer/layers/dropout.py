@@ -1,15 +1,15 @@
-"""`Dropout`: `keras.layers.Dropout` with a cheaper mask on TensorFlow."""
+"""`Dropout`: `keras.layers.Dropout` with a cheaper mask on TensorFlow and JAX."""
 
 import keras
 
 
 @keras.saving.register_keras_serializable(package="keras_transformer")
 class Dropout(keras.layers.Layer):
-    """Inverted dropout, as `keras.layers.Dropout`, whose TensorFlow mask costs half the
-    random numbers (`dropout_tf`): there the rate is rounded to a multiple of 1/65536
-    (0.1 -> 0.100006) and kept elements are scaled by the inverse of the rounded keep
-    probability, so the expectation is unchanged. Other backends call `keras.random.dropout`
-    (XLA generates and fuses the mask itself).
+    """Inverted dropout, as `keras.layers.Dropout`, whose mask costs fewer random numbers on
+    TensorFlow and JAX (`dropout_tf`, `dropout_jax`): there each element gets a 16-bit uniform
+    number, so the rate is rounded to a multiple of 1/65536 (0.1 -> 0.100006) and kept
+    elements are scaled by the inverse of the rounded keep probability (`dropout_levels`); the
+    expectation is unchanged. Other backends call `keras.random.dropout`.
 
     Args:
         rate: drop probability, in `[0, 1)`.
@@ -37,10 +37,15 @@ class Dropout(keras.layers.Layer):
     def call(self, inputs, training=False):
         if not training or self.rate == 0:
             return inputs
-        if keras.config.backend() == "tensorflow":
+        backend = keras.config.backend()
+        if backend == "tensorflow":
             from keras_transformer.layers import dropout_tf
 
             return dropout_tf.dropout(inputs, self.rate, self.seed_generator.next())
+        if backend == "jax":
+            from keras_transformer.layers import dropout_jax
+
+            return dropout_jax.dropout(inputs, self.rate, self.seed_generator.next())
         return keras.random.dropout(inputs, self.rate, seed=self.seed_generator)
 
     def compute_output_shape(self, input_shape):

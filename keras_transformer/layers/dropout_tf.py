@@ -9,19 +9,12 @@ of integers.
 
 from __future__ import annotations
 
-# 16-bit uniform numbers: the rate is rounded to a multiple of 1 / 65536.
-LEVELS = 65536
-
-
-def threshold(rate: float) -> int:
-    """Elements whose 16-bit number is below this are dropped: `round(rate * 65536)`, at
-    most 65535 so that one level is always kept."""
-    return min(int(round(rate * LEVELS)), LEVELS - 1)
+from keras_transformer.layers.dropout_levels import scale, threshold
 
 
 def dropout(inputs, rate: float, seed):
     """`inputs` with each element dropped with probability `threshold(rate) / 65536` and the
-    kept ones scaled by `65536 / (65536 - threshold)`, so the expectation is `inputs` exactly.
+    kept ones scaled by `scale(rate)` (`dropout_levels`).
 
     Args:
         inputs: a float tensor of any shape.
@@ -45,7 +38,7 @@ def dropout(inputs, rate: float, seed):
     # where dropped; the values are otherwise the same.
     mask = tf.where(
         keep,
-        tf.constant(LEVELS / (LEVELS - level), inputs.dtype),
+        tf.constant(scale(rate), inputs.dtype),
         tf.constant(0, inputs.dtype),
     )
     return inputs * mask

@@ -1,5 +1,7 @@
 """Each layer: output shape, config round trip through keras.saving, masks, and the decode cache."""
 
+import importlib.util
+
 import keras
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from keras_transformer.layers import (
     TransformerEncoderLayer,
     sinusoidal_position_encoding,
 )
+from tests.subprocess_report import run_script
 
 rng = np.random.default_rng(0)
 X = rng.normal(size=(2, 5, 16)).astype("float32")
@@ -149,32 +152,56 @@ def test_tied_projection_gradient_builds_no_per_position_copy_of_the_table():
     assert tuple(gradient(tf.random.normal([batch, length, dim])).shape) == (vocab, dim)
 
 
-def test_dropout_drops_at_its_rate_keeps_the_expectation_and_draws_new_masks():
+DROPOUT_CHECK = r"""
+import json, keras, numpy as np
+from keras_transformer.layers.dropout import Dropout
+layer = Dropout(0.1, seed=3)
+x = keras.ops.ones((201, 501))  # an odd element count: the last 16-bit number is unused
+first = np.asarray(layer(x, training=True))
+second = np.asarray(layer(x, training=True))
+again = np.asarray(Dropout(0.1, seed=3)(x, training=True))
+bf16 = Dropout(0.1, seed=3, dtype="mixed_bfloat16")
+half = bf16(keras.ops.ones((7, 3, 5), dtype="bfloat16"), training=True)
+pairs = (first == 0).reshape(-1)[:-1].reshape(-1, 2)  # numbers drawn from the same word
+ones = np.ones((201, 501))
+print(json.dumps({
+    "backend": keras.config.backend(), "shape": list(first.shape),
+    "drop_share": float((first == 0).mean()), "kept": sorted(set(first[first != 0].tolist())),
+    "mean": float(first.mean()), "new_mask_share": float(((first == 0) != (second == 0)).mean()),
+    "same_seed_same_mask": bool(np.array_equal(again, first)),
+    "both_of_a_word_dropped": float((pairs[:, 0] & pairs[:, 1]).mean()),
+    "inference_unchanged": bool(np.array_equal(np.asarray(layer(x, training=False)), ones)),
+    "rate_0_unchanged": bool(np.array_equal(np.asarray(Dropout(0.0)(x, training=True)), ones)),
+    "bf16": [keras.backend.standardize_dtype(half.dtype), list(half.shape)],
+}))
+"""
+
+
+@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+def test_dropout_drops_at_its_rate_keeps_the_expectation_and_draws_new_masks(backend):
+    """Both backends' 16-bit masks (`dropout_tf`, `dropout_jax`), in a fresh process each."""
+    if importlib.util.find_spec(backend) is None:
+        pytest.skip(f"{backend} is not installed")
+    report = run_script(DROPOUT_CHECK, backend=backend)
+    assert report["backend"] == backend and report["shape"] == [201, 501]
+    # 100,701 elements: the drop share's standard deviation is about 0.001.
+    assert abs(report["drop_share"] - 0.1) < 0.005
+    # Kept elements carry the inverse of the rounded keep probability: the mean stays 1.
+    np.testing.assert_allclose(report["kept"], [65536 / (65536 - 6554)], rtol=1e-6)
+    assert abs(report["mean"] - 1) < 0.01
+    # The two numbers of one random word are independent: both dropped about 1% of the time.
+    assert abs(report["both_of_a_word_dropped"] - 0.01) < 0.003
+    # Every call draws a new mask; the same seed gives the same masks.
+    assert report["new_mask_share"] > 0.1
+    assert report["same_seed_same_mask"]
+    assert report["inference_unchanged"] and report["rate_0_unchanged"]
+    assert report["bf16"] == ["bfloat16", [7, 3, 5]]
+
+
+def test_dropout_config_round_trip_and_rate_check():
     from keras_transformer.layers.dropout import Dropout
 
-    layer = Dropout(0.1, seed=3)
-    x = keras.ops.ones((200, 501))  # an odd element count: the last 16-bit number is unused
-    first = np.asarray(layer(x, training=True))
-    second = np.asarray(layer(x, training=True))
-    assert first.shape == (200, 501)
-    # 100,200 elements: the drop share's standard deviation is about 0.001.
-    assert abs((first == 0).mean() - 0.1) < 0.005
-    # Kept elements carry the inverse of the (rounded) keep probability: the mean stays 1.
-    tensorflow = keras.config.backend() == "tensorflow"
-    scale = 65536 / (65536 - 6554) if tensorflow else 1 / 0.9
-    np.testing.assert_allclose(first[first != 0], scale, rtol=1e-6)
-    assert abs(first.mean() - 1) < 0.01
-    # Every call draws a new mask; the same seed gives the same masks.
-    assert ((first == 0) != (second == 0)).mean() > 0.1
-    again = np.asarray(Dropout(0.1, seed=3)(x, training=True))
-    np.testing.assert_array_equal(again, first)
-    # Inference, rate 0 and bfloat16 inputs.
-    np.testing.assert_array_equal(np.asarray(layer(x, training=False)), np.ones((200, 501)))
-    np.testing.assert_array_equal(np.asarray(Dropout(0.0)(x, training=True)), np.ones((200, 501)))
-    bf16 = Dropout(0.1, seed=3, dtype="mixed_bfloat16")
-    half = bf16(keras.ops.ones((7, 3, 5), dtype="bfloat16"), training=True)
-    assert keras.backend.standardize_dtype(half.dtype) == "bfloat16" and half.shape == (7, 3, 5)
-    restored = Dropout.from_config(layer.get_config())
+    restored = Dropout.from_config(Dropout(0.1, seed=3).get_config())
     assert (restored.rate, restored.seed) == (0.1, 3)
     with pytest.raises(ValueError, match=r"Dropout rate must be in \[0, 1\), got 1.0"):
         Dropout(1.0)
