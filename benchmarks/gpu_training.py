@@ -261,6 +261,19 @@ def best(rounds: list[float | None]) -> float | None:
 
 
 # -- driver ---------------------------------------------------------------------------------------
+def worker_env(environ) -> dict:
+    """The environment of the measuring processes: the JAX backend, this repository importable.
+
+    The caller's PYTHONPATH is kept after the repository (on the GPU machine Keras itself is
+    installed with `pip --target` and found through it).
+    """
+    path = os.pathsep.join(p for p in (str(ROOT), environ.get("PYTHONPATH", "")) if p)
+    env = dict(environ, KERAS_BACKEND="jax", PYTHONPATH=path)
+    # The same share of accelerator memory the anchor gives its Keras-on-JAX reference.
+    env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.85")
+    return env
+
+
 def parse_overrides(pairs: list[str]) -> dict:
     overrides = {}
     for pair in pairs:
@@ -332,11 +345,7 @@ def main(argv=None):
         print(json.dumps(result))
         return 0
 
-    # Keep the caller's PYTHONPATH (packages installed with --target, say): ROOT goes first.
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    env = dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=path)
-    # The same share of accelerator memory the anchor gives its Keras-on-JAX reference.
-    env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.85")
+    env = worker_env(os.environ)
     tiny_reference = (args.preset, args.overrides, args.batch, args.length) != FULL_REFERENCE_RUN
 
     references = {}

@@ -1,5 +1,6 @@
-"""`benchmarks/gpu_training.py` runs end to end on CPU with tiny shapes, and compares with a
-reference only when it ran the same shapes and precision."""
+"""`benchmarks/gpu_training.py` and `benchmarks/profile_gpu_step.py` run end to end on CPU with
+tiny shapes; the benchmark compares with a reference only when it ran the same shapes and
+precision."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.gpu_training import compare
+from benchmarks.gpu_training import compare, worker_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -198,3 +199,37 @@ def test_the_ctranslate2_reference_runs_a_shape_the_anchor_does_not_name(tmp_pat
     assert all(value > 0 for value in runs.values())
     with pytest.raises(RuntimeError, match="'D': 25"):
         run_ct2(args, dict(V=50, D=25, H=2, FF=40, NE=1, ND=2))  # heads do not divide 25
+
+
+def test_the_measuring_processes_keep_the_callers_pythonpath():
+    # On the GPU machine Keras is found only through PYTHONPATH (`pip install --target`); a
+    # worker environment that replaced it failed there with "No module named 'keras'".
+    env = worker_env({"PYTHONPATH": "/tmp/site", "HOME": "/root"})
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(ROOT), "/tmp/site"]
+    assert env["KERAS_BACKEND"] == "jax" and env["HOME"] == "/root"
+    assert worker_env({})["PYTHONPATH"] == str(ROOT)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="JAX is not installed")
+def test_gpu_step_profile_runs_on_cpu_and_names_the_layers(tmp_path):
+    output = tmp_path / "profile.md"
+    command = [sys.executable, "benchmarks/profile_gpu_step.py", "--preset", "tiny"]
+    command += ["--batch", "8", "--length", "8", "--steps", "2", "--warmup-steps", "1"]
+    command += ["--output", str(output)]
+    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(output.with_suffix(".json").read_text())
+    summary = report["summary"]
+    assert report["run"]["shape"] == TINY and report["run"]["traced_steps"] == 2
+    categories = {row["key"]: row["ms_per_step"] for row in summary["by_category"]}
+    assert categories["matrix products (GEMM kernels, dot fusions)"] > 0
+    # The dumped HLO names most of the time's source: the three parts of a step appear.
+    passes = {row["key"]: row["share"] for row in summary["by_pass"]}
+    assert {"forward", "backward", "optimizer update"} <= set(passes)
+    assert passes.get("(no source name)", 0) < 0.5
+    layers = {row["key"] for row in summary["by_layer"]}
+    assert any(key.startswith("backward") and "feed_forward" in key for key in layers)
+    shares = sum(row["share"] for row in summary["by_op"])
+    assert shares == pytest.approx(1.0)
+    assert output.read_text().startswith("# Training step profile on the JAX backend")
