@@ -86,13 +86,14 @@ def keras_decoders(model, output_length, beam_size=4):
     }
 
 
-def exported_decoders(export_dir, output_length):
+def exported_decoders(export_dir, output_length, prefix):
     """The exported SavedModel's token-id signatures: name -> callable(source_ids) -> target_ids.
 
     The export must have been made with `python -m serving.export ... --fixed-output-length N`
     (N = `output_length`) so that it emits as many tokens as the in-process rows; its
     `export.json` is checked for that. The id signatures skip tokenization, so these rows time
-    the same decoding work as the Keras rows, through the graph TF Serving would run.
+    the same decoding work as the Keras rows, through the graph TF Serving would run. Their
+    names start with `prefix` (`export_labels`).
     """
     import tensorflow_text  # noqa: F401 - registers the SentencePiece ops of the graph
 
@@ -106,7 +107,6 @@ def exported_decoders(export_dir, output_length):
         )
     loaded = tf.saved_model.load(str(export_dir))
     greedy, beam = loaded.signatures["greedy_ids"], loaded.signatures["beam_ids"]
-    prefix = export_label(record)
     return {
         f"{prefix}_greedy": lambda ids: greedy(source_ids=ids)["target_ids"],
         f"{prefix}_beam{record['decode_settings']['beam_size']}": lambda ids: beam(source_ids=ids)[
@@ -128,6 +128,19 @@ def export_label(record):
         label += "_xla"
     searches = record.get("concurrent_searches", 1)
     return label if searches == DEFAULT_CONCURRENT_SEARCHES else f"{label}_c{searches}"
+
+
+def export_labels(export_dirs):
+    """`export_label` of each export, in order; an export whose label an earlier one already
+    has gets `#2`, `#3`, ... (two exports of the same settings, from two versions of the code
+    say, are then both timed in one run rather than the later one replacing the earlier)."""
+    labels, seen = [], {}
+    for export_dir in export_dirs:
+        record = json.loads((Path(export_dir) / "assets.extra" / "export.json").read_text())
+        label = export_label(record)
+        seen[label] = seen.get(label, 0) + 1
+        labels.append(label if seen[label] == 1 else f"{label}#{seen[label]}")
+    return labels
 
 
 def source_batch(config, batch_size, source_length, seed=0):
@@ -187,8 +200,9 @@ def measure_ours(args):
     if args.in_process:
         model = build_transformer(config)
         decoders.update(keras_decoders(model, args.output_length, args.beam_size))
-    for export_dir in args.saved_model or []:
-        decoders.update(exported_decoders(export_dir, args.output_length))
+    exports = args.saved_model or []
+    for export_dir, label in zip(exports, export_labels(exports), strict=True):
+        decoders.update(exported_decoders(export_dir, args.output_length, label))
     if args.decoders:
         decoders = {name: fn for name, fn in decoders.items() if name in args.decoders}
     rows = []
@@ -368,9 +382,8 @@ def main(argv=None):
     step_ops = {}
     from serving.graph_ops import decoding_step_ops
 
-    for export_dir in args.saved_model or []:
-        record = json.loads((Path(export_dir) / "assets.extra" / "export.json").read_text())
-        label = export_label(record)
+    exports = args.saved_model or []
+    for export_dir, label in zip(exports, export_labels(exports), strict=True):
         for signature in ("greedy_ids", "beam_ids"):
             counted = decoding_step_ops(export_dir, signature)
             # A float32 export's counts keep the plain signature names (as recorded before).

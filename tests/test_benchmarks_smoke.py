@@ -147,6 +147,23 @@ def test_decoding_rows_are_named_by_export_and_compared_with_the_same_search():
     assert _reference_key("savedmodel_beam5", 1, 4) is None  # another beam than the reference's
 
 
+def test_two_exports_of_the_same_settings_are_both_timed(tmp_path):
+    """An A/B of two code versions exports the same settings twice: the second export's rows
+    get their own names instead of replacing the first's (they once silently did)."""
+    from benchmarks.decoding_throughput import _reference_key, export_labels
+
+    records = [{"concurrent_searches": 2}, {"concurrent_searches": 2}, {"jit_compile": True}]
+    records.append({"concurrent_searches": 2})
+    dirs = []
+    for index, record in enumerate(records):
+        (tmp_path / f"e{index}" / "assets.extra").mkdir(parents=True)
+        (tmp_path / f"e{index}" / "assets.extra" / "export.json").write_text(json.dumps(record))
+        dirs.append(tmp_path / f"e{index}")
+    labels = export_labels(dirs)
+    assert labels == ["savedmodel", "savedmodel#2", "savedmodel_xla_c1", "savedmodel#3"]
+    assert _reference_key("savedmodel#2_beam4", 32, 4) == "beam4_b32"
+
+
 def _fake_export(path, config):
     """An export folder holding only what the benchmark reads for the shape."""
     from keras_transformer.translation.model_dir import TRANSFORMER_CONFIG

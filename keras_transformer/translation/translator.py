@@ -182,9 +182,10 @@ class Translator(tf.Module):
         def run():
             if self.jit_compile:
                 return self._compiled_search(source_ids, beam_size, num_returned)
-            return self._concurrently(
-                source_ids, lambda ids: self._search(ids, beam_size, num_returned)
-            )
+            # Traced once and called per shard: the graph (and the SavedModel) holds one
+            # copy of the search, not one per shard of every branch of `_concurrently`.
+            searched = tf.function(lambda ids: self._search(ids, beam_size, num_returned))
+            return self._concurrently(source_ids, searched)
 
         def nothing():
             return tf.zeros([0, num_returned, 1], tf.int32), tf.zeros([0, num_returned])
