@@ -76,8 +76,10 @@ def decoding_step_ops(saved_model_dir: str | Path, signature: str) -> dict:
     The loop is the largest `While` reachable from the signature's function; its body is
     counted with the functions it calls inlined (TensorFlow inlines them before it runs the
     graph), each `If` counted with both branches. Returns `{"ops": count of nodes that run a
-    kernel (not Const/Identity/NoOp), "nodes": all nodes, "xla_compiled": whether XLA compiles
-    the loop whole (`jit_compile` export), "by_type": {op: count}}`. Op by op, at batch 1 a
+    kernel (not Const/Identity/NoOp), "nodes": all nodes, "copies": how many distinct traced
+    copies of that loop the signature holds (a search called per shard is one),
+    "xla_compiled": whether XLA compiles the loop whole (`jit_compile` export), "by_type":
+    {op: count}}`. Op by op, at batch 1 a
     step costs about `ops` kernel dispatches, which is where its time goes; compiled by XLA,
     the loop is one computation and its ops are fused, with no dispatch per op.
     """
@@ -132,17 +134,19 @@ def decoding_step_ops(saved_model_dir: str | Path, signature: str) -> dict:
             if inner.op in ("While", "StatelessWhile"):
                 name = inner.attr["body"].func.name
                 body = flatten([name])
-                loops.append((body, name in compiled))
+                loops.append((body, name in compiled, name))
                 pending.extend(
                     n.attr["body"].func.name for n in body if n.op in ("While", "StatelessWhile")
                 )
     if not loops:
         raise ValueError(f"signature {signature!r} of {saved_model_dir} has no decoding loop")
-    body, xla = max(loops, key=lambda loop: len(loop[0]))
+    body, xla, _ = max(loops, key=lambda loop: len(loop[0]))
     by_type = Counter(n.op for n in body)
+    copies = {name for other, _, name in loops if len(other) == len(body)}
     return {
         "ops": sum(count for op, count in by_type.items() if op not in _TRIVIAL),
         "nodes": len(body),
+        "copies": len(copies),
         "xla_compiled": xla,
         "by_type": dict(by_type.most_common()),
     }

@@ -81,6 +81,9 @@ def test_a_decoding_step_runs_no_more_ops_than_counted(exported):
         counted = decoding_step_ops(exported[1], signature)
         assert 0 < counted["ops"] <= budget, (signature, counted["ops"], counted["by_type"])
         assert counted["by_type"].get("MatMul", 0) >= 4  # the loop body really is a step
+        # The batch's shards call one traced search: one copy of the loop, not one per shard
+        # of every branch (three with two concurrent searches).
+        assert counted["copies"] == 1, (signature, counted["copies"])
     with pytest.raises(KeyError, match="no signature 'nope'"):
         decoding_step_ops(exported[1], "nope")
 
