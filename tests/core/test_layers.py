@@ -198,6 +198,39 @@ def test_dropout_drops_at_its_rate_keeps_the_expectation_and_draws_new_masks(bac
     assert report["bf16"] == ["bfloat16", [7, 3, 5]]
 
 
+SHARDED_DROPOUT = r"""
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+import json, re
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from keras_transformer.layers import dropout_jax
+mesh = Mesh(np.array(jax.devices()), ("batch",))
+x = jax.device_put(jnp.ones((8, 6, 10), jnp.bfloat16), NamedSharding(mesh, PartitionSpec("batch")))
+key = jnp.array([1, 2], jnp.uint32)
+COLLECTIVES = r"all-gather|all-to-all|collective-permute|all-reduce"
+dropped = jax.jit(lambda a, k: dropout_jax.dropout(a, 0.5, k))
+text = dropped.lower(x, key).compile().as_text()
+whole = np.asarray(dropout_jax.dropout(jnp.ones((8, 6, 10), jnp.bfloat16), 0.5, key))
+print(json.dumps({
+    "devices": len(jax.devices()),
+    "collectives": sorted(set(re.findall(COLLECTIVES, text))),
+    "same_as_unsharded": bool(np.array_equal(np.asarray(dropped(x, key)), whole)),
+}))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="JAX is not installed")
+def test_jax_dropout_masks_shard_with_the_batch():
+    """Under data parallelism each device draws its own rows' numbers: no collective in the
+    compiled mask (counters split in halves, as `threefry_2x32` splits them, made XLA gather
+    them across devices), and the same mask as unsharded."""
+    report = run_script(SHARDED_DROPOUT, backend="jax")
+    assert report["devices"] == 2
+    assert report["collectives"] == []
+    assert report["same_as_unsharded"]
+
+
 def test_dropout_config_round_trip_and_rate_check():
     from keras_transformer.layers.dropout import Dropout
 
