@@ -287,10 +287,9 @@ def parse_overrides(pairs: list[str]) -> dict:
     return overrides
 
 
-def parse_args(argv):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def add_model_arguments(parser, steps: int, steps_help: str):
+    """The arguments that pick our model and its batches (`build_ours`), shared with
+    `profile_gpu_step.py`; `check_counts` checks them after parsing."""
     parser.add_argument("--preset", default="base", help="TransformerConfig preset (base)")
     parser.add_argument(
         "--set",
@@ -302,9 +301,26 @@ def parse_args(argv):
     )
     parser.add_argument("--batch", type=int, default=768, help="sentences per step")
     parser.add_argument("--length", type=int, default=32, help="tokens per side")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per round")
+    parser.add_argument("--steps", type=int, default=steps, help=steps_help)
     parser.add_argument("--warmup-steps", type=int, default=3, help="untimed steps (ours)")
     parser.add_argument("--dtype", default=REFERENCE_DTYPE, choices=("float32", REFERENCE_DTYPE))
+
+
+def check_counts(parser, args, names=("batch", "length", "steps", "warmup_steps")):
+    """Parses `--set` and refuses a count below 1, naming the flag and the value."""
+    args.overrides = parse_overrides(args.overrides)
+    for name in names:
+        if getattr(args, name) < 1:
+            parser.error(
+                f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}"
+            )
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_model_arguments(parser, steps=20, steps_help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=2, help="reference/ours alternations")
     parser.add_argument(
         "--impls",
@@ -316,16 +332,11 @@ def parse_args(argv):
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    args.overrides = parse_overrides(args.overrides)
     args.impls = [name for name in args.impls.split(",") if name]
     unknown = sorted(set(args.impls) - {OURS, *REFERENCES})
     if unknown:
         parser.error(f"unknown --impls {unknown}; choose from {(OURS,) + REFERENCES}")
-    for name in ("batch", "length", "steps", "warmup_steps", "rounds"):
-        if getattr(args, name) < 1:
-            parser.error(
-                f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}"
-            )
+    check_counts(parser, args, ("batch", "length", "steps", "warmup_steps", "rounds"))
     return args
 
 

@@ -43,9 +43,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.gpu_training import (  # noqa: E402
-    REFERENCE_DTYPE,
+    add_model_arguments,
     build_ours,
-    parse_overrides,
+    check_counts,
     shape_of,
     wait_for_updates,
 )
@@ -270,22 +270,11 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--preset", default="base")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
-    parser.add_argument("--batch", type=int, default=768)
-    parser.add_argument("--length", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=5, help="traced steps")
-    parser.add_argument("--warmup-steps", type=int, default=3)
-    parser.add_argument("--dtype", default=REFERENCE_DTYPE, choices=("float32", REFERENCE_DTYPE))
+    add_model_arguments(parser, steps=5, steps_help="traced steps")
     parser.add_argument("--output", type=Path, required=True, help="markdown summary")
     parser.add_argument("--trace-copy", type=Path, help="folder to keep the gzipped xplane in")
     args = parser.parse_args(argv)
-    args.overrides = parse_overrides(args.overrides)
-    for name in ("batch", "length", "steps", "warmup_steps"):
-        if getattr(args, name) < 1:
-            parser.error(
-                f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}"
-            )
+    check_counts(parser, args)
     return args
 
 
