@@ -12,6 +12,8 @@ Variants (`--variants`, comma-separated; the first is the baseline):
   `jit`         `jit_compile=True`
   `keras_ln`    Keras' own `keras.layers.LayerNormalization` (automatic differentiation)
                 instead of our `LayerNorm` (hand-written gradient) in every residual block
+  `argmax_acc`  the token accuracy as an arg-max over the logits (before it reused the loss's
+                maximum)
 
     .venv/bin/python benchmarks/training_step_ab.py --preset small --mode mixed_bfloat16 \
         --variants keras_adam,ours --steps 40 --output benchmarks/results/training_step_ab.json
@@ -32,7 +34,26 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.training_throughput import SHAPES  # noqa: E402
 from quiet_logs import add_verbose_argument, quiet_tensorflow  # noqa: E402
 
-VARIANTS = ("ours", "keras_adam", "jit", "keras_ln")
+VARIANTS = ("ours", "keras_adam", "jit", "keras_ln", "argmax_acc")
+
+
+def _argmax_accuracy():
+    from keras import ops
+
+    from keras_transformer import MaskedTokenAccuracy
+
+    class ArgMaxTokenAccuracy(MaskedTokenAccuracy):
+        """The accuracy as it was: an arg-max over the `[batch, length, vocab]` logits."""
+
+        def update_state(self, y_true, y_pred, sample_weight=None):
+            y_true = ops.cast(y_true, "int32")
+            mask = ops.cast(ops.not_equal(y_true, self.pad_id), "float32")
+            predicted = ops.cast(ops.argmax(y_pred, axis=-1), "int32")
+            hits = ops.cast(ops.equal(predicted, y_true), "float32")
+            self.correct.assign_add(ops.sum(hits * mask))
+            self.total.assign_add(ops.sum(mask))
+
+    return ArgMaxTokenAccuracy
 
 
 def build(preset: str, mode: str, variant: str):
@@ -64,7 +85,18 @@ def build(preset: str, mode: str, variant: str):
     opts = TrainConfig(mixed_precision=None if mode == "float32" else mode, jit_compile=False)
     if variant == "jit":
         opts = dataclasses.replace(opts, jit_compile=True)
-    if variant == "keras_adam":
+    if variant == "argmax_acc":
+        import keras_transformer
+
+        ArgMaxTokenAccuracy = _argmax_accuracy()
+        ours = keras_transformer.MaskedTokenAccuracy
+        keras_transformer.MaskedTokenAccuracy = ArgMaxTokenAccuracy
+        try:
+            compile_model(model, config, opts)
+        finally:
+            keras_transformer.MaskedTokenAccuracy = ours
+        assert isinstance(model._compile_metrics._user_metrics[0], ArgMaxTokenAccuracy)
+    elif variant == "keras_adam":
         # transformer_optimizer builds whatever `schedules.Adam` names: Keras' own, here.
         from keras_transformer import schedules
 

@@ -134,7 +134,16 @@ class MaskedLabelSmoothingLoss(keras.losses.Loss):
 
 @keras.saving.register_keras_serializable(package="keras_transformer")
 class MaskedTokenAccuracy(keras.metrics.Metric):
-    """Share of non-padding target tokens whose arg-max prediction is right."""
+    """Share of non-padding target tokens whose label gets the highest score.
+
+    A token is right when its label's logit equals the row's maximum, a maximum that the loss
+    computes too (`label_smoothed_token_losses`, the same op on the same tensor), so TensorFlow's
+    graph optimizer computes it once. An arg-max over the `[batch, length, vocab]` logits was
+    4-5% of the `mixed_bfloat16` training step of `small` on a 2-core CPU (in-process A/B,
+    README Benchmarks). Ties differ from an arg-max: a label tied for the maximum counts as
+    right, where an arg-max picks the lowest id; with logits from bfloat16 products that moved
+    0.14% of 8,102 `val` tokens (70.51% against 70.38%), and none with float32 ones.
+    """
 
     def __init__(self, pad_id=0, name="token_accuracy", **kwargs):
         super().__init__(name=name, **kwargs)
@@ -145,9 +154,12 @@ class MaskedTokenAccuracy(keras.metrics.Metric):
     def update_state(self, y_true, y_pred, sample_weight=None):
         y_true = ops.cast(y_true, "int32")
         mask = ops.cast(ops.not_equal(y_true, self.pad_id), "float32")
-        hits = ops.cast(
-            ops.equal(ops.cast(ops.argmax(y_pred, axis=-1), "int32"), y_true), "float32"
-        )
+        # Written as the loss writes its maximum (cast, then max over the vocabulary with
+        # kept dims) so that the two are one op after common-subexpression elimination.
+        scores = ops.cast(y_pred, "float32")
+        best = ops.max(scores, axis=-1, keepdims=True)
+        label_scores = ops.take_along_axis(scores, y_true[..., None], axis=-1)
+        hits = ops.cast(ops.squeeze(label_scores >= best, axis=-1), "float32")
         self.correct.assign_add(ops.sum(hits * mask))
         self.total.assign_add(ops.sum(mask))
 
