@@ -12,6 +12,8 @@ Variants (`--variants`, comma-separated; the first is the baseline):
   `jit`         `jit_compile=True`
   `keras_ln`    Keras' own `keras.layers.LayerNormalization` (automatic differentiation)
                 instead of our `LayerNorm` (hand-written gradient) in every residual block
+  `relu_ffn`    the feed-forward ReLU as its own op before the dropout (before it was folded
+                into the dropout mask)
   `argmax_acc`  the token accuracy as an arg-max over the logits (before it reused the loss's
                 maximum)
 
@@ -34,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.training_throughput import SHAPES  # noqa: E402
 from quiet_logs import add_verbose_argument, quiet_tensorflow  # noqa: E402
 
-VARIANTS = ("ours", "keras_adam", "jit", "keras_ln", "argmax_acc")
+VARIANTS = ("ours", "keras_adam", "jit", "keras_ln", "argmax_acc", "relu_ffn")
 
 
 def _argmax_accuracy():
@@ -56,6 +58,17 @@ def _argmax_accuracy():
     return ArgMaxTokenAccuracy
 
 
+def _relu_first_feed_forward(base):
+    class ReluFirstFeedForward(base):
+        """`PositionwiseFeedForward` as it was: the ReLU, then the dropout."""
+
+        def call(self, inputs, training=None):
+            hidden = self.activation(self.inner_dense(inputs))
+            return self.output_dense(self.dropout_layer(hidden, training=training))
+
+    return ReluFirstFeedForward
+
+
 def build(preset: str, mode: str, variant: str):
     """Our model compiled as a run compiles it, with `variant`'s one change."""
     import dataclasses
@@ -69,7 +82,19 @@ def build(preset: str, mode: str, variant: str):
     keras.utils.set_random_seed(0)
     keras.mixed_precision.set_global_policy("float32" if mode == "float32" else mode)
     config = TransformerConfig.preset(preset)
-    if variant == "keras_ln":
+    if variant == "relu_ffn":
+        # The layers build whatever `transformer_layer.PositionwiseFeedForward` names.
+        from keras_transformer.layers import transformer_layer
+
+        ours = transformer_layer.PositionwiseFeedForward
+        transformer_layer.PositionwiseFeedForward = _relu_first_feed_forward(ours)
+        try:
+            model = build_transformer(config)
+        finally:
+            transformer_layer.PositionwiseFeedForward = ours
+        ffns = [n for n in model._flatten_layers() if isinstance(n, ours)]
+        assert ffns and all(type(n) is not ours for n in ffns)
+    elif variant == "keras_ln":
         # ResidualBlock builds whatever `residual.LayerNorm` names: Keras' own, here.
         from keras_transformer.layers import residual
 

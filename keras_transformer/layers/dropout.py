@@ -18,6 +18,9 @@ class Dropout(keras.layers.Layer):
     Call arguments:
         inputs: a float tensor of any shape.
         training: drops only when true.
+        keep: optional boolean tensor of the shape of `inputs`: where it is false the element
+            is zeroed too, in the same multiply, training or not. `PositionwiseFeedForward`
+            folds its ReLU into the mask this way (`keep=x > 0`).
 
     Returns:
         A tensor of the shape and dtype of `inputs`.
@@ -34,18 +37,22 @@ class Dropout(keras.layers.Layer):
             self.seed_generator = keras.random.SeedGenerator(seed)
         self.built = True
 
-    def call(self, inputs, training=False):
+    def call(self, inputs, training=False, keep=None):
         if not training or self.rate == 0:
-            return inputs
+            if keep is None:
+                return inputs
+            return keras.ops.where(keep, inputs, keras.ops.zeros_like(inputs))
         backend = keras.config.backend()
         if backend == "tensorflow":
             from keras_transformer.layers import dropout_tf
 
-            return dropout_tf.dropout(inputs, self.rate, self.seed_generator.next())
+            return dropout_tf.dropout(inputs, self.rate, self.seed_generator.next(), keep)
         if backend == "jax":
             from keras_transformer.layers import dropout_jax
 
-            return dropout_jax.dropout(inputs, self.rate, self.seed_generator.next())
+            return dropout_jax.dropout(inputs, self.rate, self.seed_generator.next(), keep)
+        if keep is not None:
+            inputs = keras.ops.where(keep, inputs, keras.ops.zeros_like(inputs))
         return keras.random.dropout(inputs, self.rate, seed=self.seed_generator)
 
     def compute_output_shape(self, input_shape):

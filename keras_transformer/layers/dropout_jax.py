@@ -15,9 +15,10 @@ from __future__ import annotations
 from keras_transformer.layers.dropout_levels import scale, threshold
 
 
-def dropout(inputs, rate: float, seed):
+def dropout(inputs, rate: float, seed, keep=None):
     """`inputs` with each element dropped with probability `threshold(rate) / 65536` and the
-    kept ones scaled by `scale(rate)` (`dropout_levels`).
+    kept ones scaled by `scale(rate)` (`dropout_levels`); where the optional boolean `keep`
+    (the shape of `inputs`) is false, dropped whatever the draw.
 
     Args:
         inputs: a float array of static shape, at least one axis.
@@ -30,7 +31,7 @@ def dropout(inputs, rate: float, seed):
 
     level = threshold(rate)
     if level == 0:
-        return inputs
+        return inputs if keep is None else jnp.where(keep, inputs, jnp.zeros_like(inputs))
     seed = jnp.asarray(seed, jnp.uint32)
     *outer, width = inputs.shape
     # Block (..., j) serves elements 4j..4j+3 of its row. Its counter is its index in the
@@ -50,7 +51,8 @@ def dropout(inputs, rate: float, seed):
         axis=-1,
     )  # (*blocks, 4): the four 16-bit halves of the block's two words
     numbers = numbers.reshape(*outer, blocks[-1] * 4)[..., :width]
-    keep = numbers >= level
+    drawn = numbers >= level
+    keep = drawn if keep is None else drawn & keep
     # One multiply by a 0-or-scale mask, as on TensorFlow (its gradient is one multiply).
     mask = jnp.where(keep, jnp.asarray(scale(rate), inputs.dtype), jnp.asarray(0, inputs.dtype))
     return inputs * mask

@@ -40,9 +40,9 @@ class PositionwiseFeedForward(keras.layers.Layer):
 
     def build(self, inputs_shape):
         model_dim = inputs_shape[-1]
+        # The activation is applied in `call` (see there), not by the layer.
         self.inner_dense = keras.layers.Dense(
             self.hidden_dim,
-            activation=self.activation,
             kernel_initializer=keras.initializers.get(
                 keras.initializers.serialize(self.kernel_initializer)
             ),
@@ -63,7 +63,15 @@ class PositionwiseFeedForward(keras.layers.Layer):
         self.built = True
 
     def call(self, inputs, training=None):
-        hidden = self.dropout_layer(self.inner_dense(inputs), training=training)
+        hidden = self.inner_dense(inputs)
+        if training and self.dropout > 0 and self.activation is keras.activations.relu:
+            # The ReLU folded into the dropout mask, `relu(x) * mask == x * (mask and x > 0)`:
+            # no ReLU pass and no ReLU gradient pass. On TensorFlow the bf16 training step ran
+            # 1.012-1.018x (`small`) and 1.006-1.02x (`base`) in in-process A/Bs (README).
+            # (A pre-activation of -inf gives NaN here where the ReLU gave 0.)
+            hidden = self.dropout_layer(hidden, training=True, keep=ops.greater(hidden, 0))
+        else:
+            hidden = self.dropout_layer(self.activation(hidden), training=training)
         return self.output_dense(hidden)
 
     def step_weights(self):
@@ -83,7 +91,7 @@ class PositionwiseFeedForward(keras.layers.Layer):
         hidden = ops.matmul(inputs, ops.cast(inner, inputs.dtype)) + ops.cast(
             inner_bias, inputs.dtype
         )
-        hidden = self.inner_dense.activation(hidden)
+        hidden = self.activation(hidden)
         return ops.matmul(hidden, ops.cast(outer, inputs.dtype)) + ops.cast(
             outer_bias, inputs.dtype
         )

@@ -163,6 +163,9 @@ again = np.asarray(Dropout(0.1, seed=3)(x, training=True))
 bf16 = Dropout(0.1, seed=3, dtype="mixed_bfloat16")
 half = bf16(keras.ops.ones((7, 3, 5), dtype="bfloat16"), training=True)
 pairs = (first == 0).reshape(-1)[:-1].reshape(-1, 2)  # numbers drawn from the same word
+keep_np = np.random.default_rng(0).random((201, 501)) < 0.5
+x_keep = keras.ops.convert_to_tensor(keep_np)
+kept = np.asarray(layer(x, training=True, keep=x_keep))
 ones = np.ones((201, 501))
 print(json.dumps({
     "backend": keras.config.backend(), "shape": list(first.shape),
@@ -173,6 +176,10 @@ print(json.dumps({
     "inference_unchanged": bool(np.array_equal(np.asarray(layer(x, training=False)), ones)),
     "rate_0_unchanged": bool(np.array_equal(np.asarray(Dropout(0.0)(x, training=True)), ones)),
     "bf16": [keras.backend.standardize_dtype(half.dtype), list(half.shape)],
+    "keep_training": bool(np.all(kept[~keep_np] == 0)),
+    "keep_kept_share": float((kept[keep_np] != 0).mean()),
+    "keep_inference": bool(np.array_equal(
+        np.asarray(layer(x, training=False, keep=x_keep)), np.where(keep_np, 1.0, 0.0))),
 }))
 """
 
@@ -196,6 +203,67 @@ def test_dropout_drops_at_its_rate_keeps_the_expectation_and_draws_new_masks(bac
     assert report["same_seed_same_mask"]
     assert report["inference_unchanged"] and report["rate_0_unchanged"]
     assert report["bf16"] == ["bfloat16", [7, 3, 5]]
+    # `keep` zeroes where false, training or not, and the draw still drops a tenth elsewhere.
+    assert report["keep_training"] and report["keep_inference"]
+    assert abs(report["keep_kept_share"] - 0.9) < 0.01
+
+
+FOLDED_RELU = r"""
+import json, keras, numpy as np
+from keras import ops
+from keras_transformer.layers.feed_forward import PositionwiseFeedForward
+ffn = PositionwiseFeedForward(32, dropout=0.3)
+x = keras.random.normal((4, 5, 8), seed=1)
+ffn.build(x.shape)
+start = np.asarray(ffn.dropout_layer.seed_generator.state)
+
+def folded(x):
+    ffn.dropout_layer.seed_generator.state.assign(start)
+    return ffn(x, training=True)
+
+def separate(x):
+    ffn.dropout_layer.seed_generator.state.assign(start)
+    hidden = ffn.dropout_layer(ops.relu(ffn.inner_dense(x)), training=True)
+    return ffn.output_dense(hidden)
+
+if keras.config.backend() == "tensorflow":
+    import tensorflow as tf
+    def gradient(f):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = f(x)
+            loss = tf.reduce_sum(y * tf.range(y.shape[-1], dtype=y.dtype))
+        return [np.asarray(g) for g in tape.gradient(loss, [x, ffn.inner_dense.kernel.value])]
+else:
+    import jax
+    def gradient(f):
+        def loss(a):
+            y = f(a)
+            return (y * jax.numpy.arange(y.shape[-1])).sum()
+        return [np.asarray(jax.grad(loss)(x))]
+pre = np.asarray(ffn.inner_dense(x))
+print(json.dumps({
+    "backend": keras.config.backend(),
+    "negative_share": float((pre < 0).mean()),
+    "outputs_equal": bool(np.array_equal(np.asarray(folded(x)), np.asarray(separate(x)))),
+    "gradients_equal": all(
+        np.array_equal(a, b) for a, b in zip(gradient(folded), gradient(separate))),
+    "drops": bool((np.asarray(folded(x)) != np.asarray(ffn(x, training=False))).any()),
+}))
+"""
+
+
+@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+def test_feed_forward_folds_its_relu_into_the_dropout_mask_exactly(backend):
+    """Training folds the ReLU into the dropout mask (`keep=x > 0`): the same outputs and
+    gradients as ReLU then dropout with the same draw."""
+    if importlib.util.find_spec(backend) is None:
+        pytest.skip(f"{backend} is not installed")
+    report = run_script(FOLDED_RELU, backend=backend)
+    assert report["backend"] == backend
+    assert 0.3 < report["negative_share"] < 0.7  # the ReLU has work to do
+    assert report["drops"]
+    assert report["outputs_equal"] and report["gradients_equal"]
 
 
 SHARDED_DROPOUT = r"""
