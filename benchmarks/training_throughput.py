@@ -9,6 +9,13 @@ process. Ours is compiled by `training.train.compile_model`, exactly as a traini
 precision mode of `--modes`. The ratio of a round is ours / the reference run just before it;
 the summary ratio is the median of ours over the median of the reference.
 
+`--same-process` adds a second measurement that takes the machine's drift out of the ratio:
+the reference model (built by the anchor's own `ref_keras_model.build` and compiled as its
+`keras-tf` worker compiles it, on the anchor's `random_batch`) and ours in every mode live in
+one process and take turns, `--chunk` steps each, until each has the preset's timed steps.
+Between separate processes the ratio moved by a tenth within an hour here; in turns, drift
+hits both alike.
+
 `--pipeline` adds our model on the real pipeline: the recipe's token-budget batches of Multi30k
 (bucketed, padded, varying shapes), run with `model.fit` as training does, reported as real
 (non-padding) target tokens/s; the reference has no counterpart (it takes one fixed tensor).
@@ -96,6 +103,73 @@ def worker_fixed(preset, mode, steps, warmup, threads):
         "timed_steps": steps,
         "tgt_tokens_per_s": rows * length / median,
         "parameters": model.count_params(),
+    }
+
+
+def worker_same_process(preset, modes, steps, warmup, chunk, threads):
+    """The reference and ours in every mode in this process, `chunk` steps each in turn."""
+    _threads(threads)
+    import keras
+
+    sys.path.insert(0, str(ANCHOR.parent))
+    import ref_keras_model
+    from anchor_common import SHAPES as ANCHOR_SHAPES
+    from cpu_train_anchor import random_batch
+
+    rows, length = SHAPES[preset]
+    shape = dict(ANCHOR_SHAPES[preset], B=rows, L=length)
+    source, target = random_batch(shape, 0)
+    # As the anchor's `keras-tf` worker (seed 0, float32, no XLA).
+    keras.utils.set_random_seed(0)
+    reference, _, _ = ref_keras_model.build(
+        *(shape[k] for k in ("V", "D", "H", "FF", "NE", "ND")),
+        dropout=0.1, src_len=length, tgt_len=length,
+    )  # fmt: skip
+    reference.compile(
+        optimizer=keras.optimizers.Adam(1e-4, beta_1=0.9, beta_2=0.98, epsilon=1e-9),
+        loss=ref_keras_model.label_smoothed_sparse_ce(0.1),
+        jit_compile=False,
+    )
+    runs = {"reference": (reference, [source, target[:, :-1]])}
+    # The anchor's sizes: those of our `small` and `base` presets; `tiny` differs.
+    sizes = {
+        "vocab_size": shape["V"],
+        "d_model": shape["D"],
+        "num_heads": shape["H"],
+        "ffn_dim": shape["FF"],
+        "num_encoder_layers": shape["NE"],
+        "num_decoder_layers": shape["ND"],
+    }
+    for mode in modes:
+        model, _ = _compiled_model(preset, mode, **sizes)
+        keras.mixed_precision.set_global_policy("float32")  # the next model builds in its own
+        runs[mode] = (model, {"source_ids": source, "target_ids": target[:, :-1]})
+    labels = target[:, 1:]
+
+    def step(model, inputs):
+        begin = time.perf_counter()
+        float(model.train_on_batch(inputs, labels, return_dict=True)["loss"])  # finished
+        return time.perf_counter() - begin
+
+    for model, inputs in runs.values():
+        for _ in range(warmup):
+            step(model, inputs)
+    times = {name: [] for name in runs}
+    while min(len(t) for t in times.values()) < steps:
+        for name, (model, inputs) in runs.items():
+            times[name] += [step(model, inputs) for _ in range(chunk)]
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    return {
+        "chunk": chunk,
+        "timed_steps": {name: len(t) for name, t in times.items()},
+        "reference_tgt_tokens_per_s": rows * length / medians["reference"],
+        "ours": {
+            mode: {
+                "tgt_tokens_per_s": rows * length / medians[mode],
+                "ratio": medians["reference"] / medians[mode],
+            }
+            for mode in modes
+        },
     }
 
 
@@ -240,6 +314,12 @@ def main(argv=None):
     parser.add_argument("--steps", default="small=20,base=10,tiny=5", help="timed steps")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--same-process",
+        action="store_true",
+        help="also the reference and ours taking turns in one process (see above)",
+    )
+    parser.add_argument("--chunk", type=int, default=4, help="steps per turn (--same-process)")
     parser.add_argument("--pipeline", action="store_true", help="also the real-batch case")
     parser.add_argument("--pipeline-batches", type=int, default=40)
     parser.add_argument("--pipeline-warmup", type=int, default=20)
@@ -263,6 +343,11 @@ def main(argv=None):
         if kind == "fixed":
             preset, mode, n, warmup = rest
             result = worker_fixed(preset, mode, int(n), int(warmup), args.threads)
+        elif kind == "same_process":
+            preset, modes, n, warmup, chunk = rest
+            result = worker_same_process(
+                preset, modes.split(","), int(n), int(warmup), int(chunk), args.threads
+            )
         else:
             mode, n, warmup, vocab, length_multiple = rest
             vocab = None if vocab == "-" else vocab
@@ -311,6 +396,13 @@ def main(argv=None):
             "reference_tgt_tokens_per_s": reference,
             "ours": summary,
         }
+        if args.same_process:
+            turns = run_ours(
+                args, "same_process", preset, ",".join(modes), n, args.warmup, args.chunk
+            )
+            report["presets"][preset]["same_process"] = turns
+            for mode, ours in turns["ours"].items():
+                print(f"{preset} same process: {mode} {ours['ratio']:.2f}x the reference")
     if args.pipeline:
         # Each case runs once per round, the cases alternating (drift hits them alike).
         report["pipeline"] = {}
@@ -350,6 +442,14 @@ def markdown_table(report):
                 f"| {preset} | {entry['batch']} | {mode} | {ours['tgt_tokens_per_s']:,.0f} | "
                 f"{entry['reference_tgt_tokens_per_s']:,.0f} | **{ours['ratio']:.2f}x** "
                 f"({rounds}) |"
+            )
+    for preset, entry in report["presets"].items():
+        turns = entry.get("same_process")
+        for mode, ours in (turns or {"ours": {}})["ours"].items():
+            lines.append(
+                f"| {preset}, same process, turns of {turns['chunk']} steps | {entry['batch']} "
+                f"| {mode} | {ours['tgt_tokens_per_s']:,.0f} | "
+                f"{turns['reference_tgt_tokens_per_s']:,.0f} | **{ours['ratio']:.2f}x** |"
             )
     for case, results in report.get("pipeline", {}).items():
         if isinstance(results, dict):  # one result per case, as recorded before rounds

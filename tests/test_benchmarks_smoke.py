@@ -92,19 +92,20 @@ def test_a_ratio_needs_the_same_shapes_and_precision():
 
 def test_training_step_ab_times_every_variant_in_turns(tmp_path):
     """`benchmarks/training_step_ab.py` on the tiny preset: catches a variant that is not the
-    model it names (Keras' Adam or Keras' layer norm variant still on ours: the benchmark
-    asserts the types), a variant left out of the turns, and a missing ratio to the
-    baseline."""
+    model it names (Keras' Adam, Keras' layer norm, the arg-max accuracy or the separate ReLU
+    variant still on ours: the benchmark asserts the types), a variant left out of the turns,
+    and a missing ratio to the baseline."""
     output = tmp_path / "ab.json"
     command = [sys.executable, "benchmarks/training_step_ab.py", "--preset", "tiny"]
-    command += ["--variants", "keras_adam,keras_ln,ours", "--steps", "2", "--chunk", "1"]
+    variants = "keras_adam,keras_ln,argmax_acc,relu_ffn,ours"
+    command += ["--variants", variants, "--steps", "2", "--chunk", "1"]
     command += ["--warmup", "1"]
     command += ["--output", str(output)]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(output.read_text())
-    assert list(report["variants"]) == ["keras_adam", "keras_ln", "ours"]
+    assert list(report["variants"]) == variants.split(",")
     for variant in report["variants"].values():
         assert variant["steps"] >= 2 and variant["step_s_median"] > 0
         assert variant["speedup_over_keras_adam"] > 0
@@ -114,6 +115,26 @@ def test_training_step_ab_times_every_variant_in_turns(tmp_path):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert bad.returncode == 2 and "'ours,fast'" in bad.stderr
+
+
+def test_training_throughput_times_the_reference_and_ours_in_turns_in_one_process(tmp_path):
+    """`--same-process` on the tiny preset: the reference (the anchor's own model) and ours
+    take turns in one process. Catches a ratio inverted or taken against the wrong median,
+    a model left out of the turns, and the row missing from the table."""
+    output = tmp_path / "throughput.json"
+    command = [sys.executable, "benchmarks/training_throughput.py", "--presets", "tiny"]
+    command += ["--modes", "float32", "--rounds", "1", "--steps", "tiny=2", "--warmup", "1"]
+    command += ["--same-process", "--chunk", "1", "--output", str(output)]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    turns = json.loads(output.read_text())["presets"]["tiny"]["same_process"]
+    assert turns["timed_steps"] == {"reference": 2, "float32": 2}
+    ours = turns["ours"]["float32"]
+    assert ours["ratio"] == pytest.approx(
+        ours["tgt_tokens_per_s"] / turns["reference_tgt_tokens_per_s"]
+    )
+    assert "| tiny, same process, turns of 1 steps | 8 x 16 | float32 |" in result.stdout
 
 
 def test_decoding_rows_are_named_by_export_and_compared_with_the_same_search():
