@@ -19,8 +19,9 @@ class Dropout(keras.layers.Layer):
         inputs: a float tensor of any shape.
         training: drops only when true.
         keep: optional boolean tensor of the shape of `inputs`: where it is false the element
-            is zeroed too, in the same multiply, training or not. `PositionwiseFeedForward`
-            folds its ReLU into the mask this way (`keep=x > 0`).
+            is zeroed too, training or not (when training, by the same mask multiply as the
+            drop). `PositionwiseFeedForward` folds its ReLU into the mask this way
+            (`keep=x > 0`).
 
     Returns:
         A tensor of the shape and dtype of `inputs`.
