@@ -24,6 +24,7 @@ Variants (`--variants`, comma-separated; the first is the baseline):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -33,10 +34,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.training_throughput import SHAPES  # noqa: E402
+from benchmarks.training_throughput import SHAPES, step_seconds  # noqa: E402
 from quiet_logs import add_verbose_argument, quiet_tensorflow  # noqa: E402
 
 VARIANTS = ("ours", "keras_adam", "jit", "keras_ln", "argmax_acc", "relu_ffn")
+
+
+@contextlib.contextmanager
+def _swapped(module, name, replacement):
+    """`module.name` is `replacement` inside the block, and what it was after it."""
+    ours = getattr(module, name)
+    setattr(module, name, replacement)
+    try:
+        yield
+    finally:
+        setattr(module, name, ours)
 
 
 def _argmax_accuracy():
@@ -82,27 +94,22 @@ def build(preset: str, mode: str, variant: str):
     keras.utils.set_random_seed(0)
     keras.mixed_precision.set_global_policy("float32" if mode == "float32" else mode)
     config = TransformerConfig.preset(preset)
+    # Each variant swaps one name that our code looks up while building or compiling.
     if variant == "relu_ffn":
         # The layers build whatever `transformer_layer.PositionwiseFeedForward` names.
         from keras_transformer.layers import transformer_layer
 
         ours = transformer_layer.PositionwiseFeedForward
-        transformer_layer.PositionwiseFeedForward = _relu_first_feed_forward(ours)
-        try:
+        with _swapped(transformer_layer, "PositionwiseFeedForward", _relu_first_feed_forward(ours)):
             model = build_transformer(config)
-        finally:
-            transformer_layer.PositionwiseFeedForward = ours
         ffns = [n for n in model._flatten_layers() if isinstance(n, ours)]
         assert ffns and all(type(n) is not ours for n in ffns)
     elif variant == "keras_ln":
         # ResidualBlock builds whatever `residual.LayerNorm` names: Keras' own, here.
         from keras_transformer.layers import residual
 
-        ours, residual.LayerNorm = residual.LayerNorm, keras.layers.LayerNormalization
-        try:
+        with _swapped(residual, "LayerNorm", keras.layers.LayerNormalization):
             model = build_transformer(config)
-        finally:
-            residual.LayerNorm = ours
         norms = [n for n in model._flatten_layers() if n.name == "layer_norm"]
         assert norms and all(type(n) is keras.layers.LayerNormalization for n in norms)
     else:
@@ -114,22 +121,15 @@ def build(preset: str, mode: str, variant: str):
         import keras_transformer
 
         ArgMaxTokenAccuracy = _argmax_accuracy()
-        ours = keras_transformer.MaskedTokenAccuracy
-        keras_transformer.MaskedTokenAccuracy = ArgMaxTokenAccuracy
-        try:
+        with _swapped(keras_transformer, "MaskedTokenAccuracy", ArgMaxTokenAccuracy):
             compile_model(model, config, opts)
-        finally:
-            keras_transformer.MaskedTokenAccuracy = ours
         assert isinstance(model._compile_metrics._user_metrics[0], ArgMaxTokenAccuracy)
     elif variant == "keras_adam":
         # transformer_optimizer builds whatever `schedules.Adam` names: Keras' own, here.
         from keras_transformer import schedules
 
-        ours, schedules.Adam = schedules.Adam, keras.optimizers.Adam
-        try:
+        with _swapped(schedules, "Adam", keras.optimizers.Adam):
             compile_model(model, config, opts)
-        finally:
-            schedules.Adam = ours
         assert type(model.optimizer) is keras.optimizers.Adam
     else:
         compile_model(model, config, opts)
@@ -173,10 +173,7 @@ def main(argv=None) -> int:
     times = {v: [] for v in variants}
     while min(len(t) for t in times.values()) < args.steps:
         for variant, model in models.items():
-            for _ in range(args.chunk):
-                begin = time.perf_counter()
-                float(model.train_on_batch(inputs, labels, return_dict=True)["loss"])
-                times[variant].append(time.perf_counter() - begin)
+            times[variant] += [step_seconds(model, inputs, labels) for _ in range(args.chunk)]
     base = statistics.median(times[variants[0]])
     result = {
         "benchmark": "training_step_ab",

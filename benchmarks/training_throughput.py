@@ -75,6 +75,13 @@ def _compiled_model(preset, mode, **config_overrides):
     return model, config
 
 
+def step_seconds(model, inputs, labels):
+    """Seconds of one `train_on_batch` step, waited for (its loss read back)."""
+    begin = time.perf_counter()
+    float(model.train_on_batch(inputs, labels, return_dict=True)["loss"])
+    return time.perf_counter() - begin
+
+
 def worker_fixed(preset, mode, steps, warmup, threads):
     """Median step time of `train_on_batch` on one fixed random batch (the reference's harness)."""
     _threads(threads)
@@ -89,12 +96,7 @@ def worker_fixed(preset, mode, steps, warmup, threads):
     labels = target[:, 1:]
     for _ in range(warmup):
         model.train_on_batch(inputs, labels)
-    times = []
-    for _ in range(steps):
-        begin = time.perf_counter()
-        logs = model.train_on_batch(inputs, labels, return_dict=True)
-        float(logs["loss"])  # the step has finished
-        times.append(time.perf_counter() - begin)
+    times = [step_seconds(model, inputs, labels) for _ in range(steps)]
     median = statistics.median(times)
     return {
         "step_s_median": median,
@@ -145,19 +147,13 @@ def worker_same_process(preset, modes, steps, warmup, chunk, threads):
         keras.mixed_precision.set_global_policy("float32")  # the next model builds in its own
         runs[mode] = (model, {"source_ids": source, "target_ids": target[:, :-1]})
     labels = target[:, 1:]
-
-    def step(model, inputs):
-        begin = time.perf_counter()
-        float(model.train_on_batch(inputs, labels, return_dict=True)["loss"])  # finished
-        return time.perf_counter() - begin
-
     for model, inputs in runs.values():
         for _ in range(warmup):
-            step(model, inputs)
+            model.train_on_batch(inputs, labels)
     times = {name: [] for name in runs}
     while min(len(t) for t in times.values()) < steps:
         for name, (model, inputs) in runs.items():
-            times[name] += [step(model, inputs) for _ in range(chunk)]
+            times[name] += [step_seconds(model, inputs, labels) for _ in range(chunk)]
     medians = {name: statistics.median(t) for name, t in times.items()}
     return {
         "chunk": chunk,
