@@ -17,6 +17,12 @@ Variants (`--variants`, comma-separated; the first is the baseline):
   `argmax_acc`  the token accuracy as an arg-max over the logits (before it reused the loss's
                 maximum)
 
+Bounds, not candidates (models that compute something else; each says how much wall time
+that part of the step takes, so at most what any speed-up of it can give; a profile's kernel
+times overstate ops that run beside others):
+  `no_dropout`     every dropout rate 0 (no random numbers, no masks)
+  `no_layer_norm`  every residual block's layer norm replaced by the identity
+
     .venv/bin/python benchmarks/training_step_ab.py --preset small --mode mixed_bfloat16 \
         --variants keras_adam,ours --steps 40 --output benchmarks/results/training_step_ab.json
 """
@@ -37,7 +43,16 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.training_throughput import SHAPES, step_seconds  # noqa: E402
 from quiet_logs import add_verbose_argument, quiet_tensorflow  # noqa: E402
 
-VARIANTS = ("ours", "keras_adam", "jit", "keras_ln", "argmax_acc", "relu_ffn")
+VARIANTS = (
+    "ours",
+    "keras_adam",
+    "jit",
+    "keras_ln",
+    "argmax_acc",
+    "relu_ffn",
+    "no_dropout",
+    "no_layer_norm",
+)
 
 
 @contextlib.contextmanager
@@ -81,6 +96,21 @@ def _relu_first_feed_forward(base):
     return ReluFirstFeedForward
 
 
+def _identity_norm():
+    import keras
+
+    class IdentityNorm(keras.layers.Layer):
+        """Stands where `LayerNorm` stands and returns its input (the `no_layer_norm` bound)."""
+
+        def __init__(self, epsilon=None, **kwargs):
+            super().__init__(**kwargs)
+
+        def call(self, inputs, training=None):
+            return inputs
+
+    return IdentityNorm
+
+
 def build(preset: str, mode: str, variant: str):
     """Our model compiled as a run compiles it, with `variant`'s one change."""
     import dataclasses
@@ -93,7 +123,8 @@ def build(preset: str, mode: str, variant: str):
 
     keras.utils.set_random_seed(0)
     keras.mixed_precision.set_global_policy("float32" if mode == "float32" else mode)
-    config = TransformerConfig.preset(preset)
+    rates = {"dropout": 0.0, "attention_dropout": 0.0} if variant == "no_dropout" else {}
+    config = TransformerConfig.preset(preset, **rates)
     # Each variant swaps one name that our code looks up while building or compiling.
     if variant == "relu_ffn":
         # The layers build whatever `transformer_layer.PositionwiseFeedForward` names.
@@ -112,8 +143,21 @@ def build(preset: str, mode: str, variant: str):
             model = build_transformer(config)
         norms = [n for n in model._flatten_layers() if n.name == "layer_norm"]
         assert norms and all(type(n) is keras.layers.LayerNormalization for n in norms)
+    elif variant == "no_layer_norm":
+        from keras_transformer.layers import residual
+
+        IdentityNorm = _identity_norm()
+        with _swapped(residual, "LayerNorm", IdentityNorm):
+            model = build_transformer(config)
+        norms = [n for n in model._flatten_layers() if n.name == "layer_norm"]
+        assert norms and all(type(n) is IdentityNorm for n in norms)
     else:
         model = build_transformer(config)
+    if variant == "no_dropout":
+        from keras_transformer.layers.dropout import Dropout
+
+        drops = [n for n in model._flatten_layers() if isinstance(n, Dropout)]
+        assert drops and all(n.rate == 0 for n in drops)
     opts = TrainConfig(mixed_precision=None if mode == "float32" else mode, jit_compile=False)
     if variant == "jit":
         opts = dataclasses.replace(opts, jit_compile=True)

@@ -97,7 +97,7 @@ def test_training_step_ab_times_every_variant_in_turns(tmp_path):
     and a missing ratio to the baseline."""
     output = tmp_path / "ab.json"
     command = [sys.executable, "benchmarks/training_step_ab.py", "--preset", "tiny"]
-    variants = "keras_adam,keras_ln,argmax_acc,relu_ffn,ours"
+    variants = "keras_adam,keras_ln,argmax_acc,relu_ffn,no_dropout,no_layer_norm,ours"
     command += ["--variants", variants, "--steps", "2", "--chunk", "1"]
     command += ["--warmup", "1"]
     command += ["--output", str(output)]
@@ -115,6 +115,33 @@ def test_training_step_ab_times_every_variant_in_turns(tmp_path):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert bad.returncode == 2 and "'ours,fast'" in bad.stderr
+
+
+def test_training_step_ab_bounds_take_out_what_they_name():
+    """The bound variants are the model they name, on `small` (whose dropout is 0.1): catches
+    `no_dropout` building with the preset's rates and `no_layer_norm` leaving a norm in place
+    (either would time our own model as its bound)."""
+    import keras
+
+    from benchmarks.training_step_ab import build
+    from keras_transformer.layers.dropout import Dropout
+    from keras_transformer.layers.layer_norm import LayerNorm
+
+    def rates(model):
+        return {n.rate for n in model._flatten_layers() if isinstance(n, Dropout)}
+
+    def norms(model):
+        return [n for n in model._flatten_layers() if isinstance(n, LayerNorm)]
+
+    ours, _ = build("small", "float32", "ours")
+    assert max(rates(ours)) > 0 and norms(ours)
+    no_dropout, _ = build("small", "float32", "no_dropout")
+    assert rates(no_dropout) == {0.0}
+    assert len(norms(no_dropout)) == len(norms(ours))
+    no_norm, _ = build("small", "float32", "no_layer_norm")
+    assert norms(no_norm) == [] and rates(no_norm) == rates(ours)
+    assert no_norm.count_params() < ours.count_params()
+    keras.backend.clear_session()
 
 
 def test_training_throughput_times_the_reference_and_ours_in_turns_in_one_process(tmp_path):
