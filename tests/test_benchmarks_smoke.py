@@ -144,6 +144,32 @@ def test_training_step_ab_bounds_take_out_what_they_name():
     keras.backend.clear_session()
 
 
+def test_real_batch_timing_stops_at_the_last_step_not_at_fits_return():
+    """`timed_fit` (the real-batch rows' timing): a `fit` that returns late (here a callback
+    sleeping in `on_train_end`, as `fit`'s return once waited 10 s there) does not count in
+    the steps' seconds but is reported. Catches timing to `fit`'s return (the 20.5-second
+    rounds) and the clock not passed to `fit`."""
+    import time
+
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from benchmarks.training_throughput import timed_fit
+
+    class LateReturn(keras.callbacks.Callback):
+        def on_train_end(self, logs=None):
+            time.sleep(0.6)
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    model.compile("sgd", "mse")
+    data = tf.data.Dataset.from_tensor_slices((np.ones((12, 4)), np.ones((12, 1)))).batch(4)
+    steps, whole = timed_fit(model, data, 3, callbacks=[LateReturn()])
+    assert 0 < steps < whole and whole - steps >= 0.55
+    assert int(model.optimizer.iterations.numpy()) == 3
+    keras.backend.clear_session()
+
+
 def test_training_throughput_times_the_reference_and_ours_in_turns_in_one_process(tmp_path):
     """`--same-process` on the tiny preset: the reference (the anchor's own model) and ours
     take turns in one process. Catches a ratio inverted or taken against the wrong median,
