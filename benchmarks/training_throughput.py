@@ -18,7 +18,9 @@ hits both alike.
 
 `--pipeline` adds our model on the real pipeline: the recipe's token-budget batches of Multi30k
 (bucketed, padded, varying shapes), run with `model.fit` as training does, reported as real
-(non-padding) target tokens/s; the reference has no counterpart (it takes one fixed tensor).
+(non-padding) target tokens/s over the steps (from `fit`'s start to the end of its last step;
+`fit`'s later return is recorded apart); the reference has no counterpart (it takes one fixed
+tensor).
 
     .venv/bin/python benchmarks/training_throughput.py --presets small,base --pipeline
 
@@ -226,8 +228,9 @@ def worker_pipeline(mode, batches, warmup, threads, vocab, length_multiple="reci
     real = int((labels != 0).sum())
     # Timed to the end of the last step: `fit` sometimes returned seconds after it (rounds
     # that read 20.5 s for 40 batches had spent about 10 s of it after `on_train_end`, every
-    # such `fit` ending 10.24 or 20.48 s after its start), a once-per-`fit` cost that a run
-    # pays once; it is recorded as `fit_return_seconds`.
+    # such `fit` ending 10.24 or 20.48 s after its start: the wake-ups of tf.data's
+    # autotuning thread, whose period doubles from 10 ms; none with autotuning off). A run
+    # calls `fit` once and pays it once; it is recorded as `fit_return_seconds`.
     seconds, fit_seconds = timed_fit(model, _generator(timed), len(timed))
     shapes = sorted({tuple(y.shape) for _, y in timed})
     return {
