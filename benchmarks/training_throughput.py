@@ -223,7 +223,7 @@ def worker_pipeline(mode, batches, warmup, threads, vocab, length_multiple="reci
     # real run's first epoch).
     warm = stream[:warmup]
     timed = stream[warmup:]
-    model.fit(_generator(warm), steps_per_epoch=len(warm), epochs=1, verbose=0)
+    model.fit(_generator(warm), steps_per_epoch=len(warm), epochs=1, verbose=0, shuffle=False)
     labels = np.concatenate([y.reshape(-1) for _, y in timed])
     real = int((labels != 0).sum())
     # Timed to the end of the last step: `fit` sometimes returned seconds after it (rounds
@@ -254,7 +254,15 @@ def timed_fit(model, dataset, steps, callbacks=()):
     last step, and to its return."""
     clock = _last_step_clock()
     begin = time.perf_counter()
-    model.fit(dataset, steps_per_epoch=steps, epochs=1, verbose=0, callbacks=[clock, *callbacks])
+    # shuffle=False: the batches come as a dataset, which Keras does not shuffle (True warns).
+    model.fit(
+        dataset,
+        steps_per_epoch=steps,
+        epochs=1,
+        verbose=0,
+        shuffle=False,
+        callbacks=[clock, *callbacks],
+    )
     return clock.time - begin, time.perf_counter() - begin
 
 
