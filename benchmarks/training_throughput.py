@@ -223,14 +223,9 @@ def worker_pipeline(mode, batches, warmup, threads, vocab, length_multiple="reci
     # real run's first epoch).
     warm = stream[:warmup]
     timed = stream[warmup:]
-    model.fit(_generator(warm), steps_per_epoch=len(warm), epochs=1, verbose=0, shuffle=False)
+    timed_fit(model, _generator(warm), len(warm))
     labels = np.concatenate([y.reshape(-1) for _, y in timed])
     real = int((labels != 0).sum())
-    # Timed to the end of the last step: `fit` sometimes returned seconds after it (rounds
-    # that read 20.5 s for 40 batches had spent about 10 s of it after `on_train_end`, every
-    # such `fit` ending 10.24 or 20.48 s after its start: the wake-ups of tf.data's
-    # autotuning thread, whose period doubles from 10 ms; none with autotuning off). A run
-    # calls `fit` once and pays it once; it is recorded as `fit_return_seconds`.
     seconds, fit_seconds = timed_fit(model, _generator(timed), len(timed))
     shapes = sorted({tuple(y.shape) for _, y in timed})
     return {
@@ -251,8 +246,23 @@ def worker_pipeline(mode, batches, warmup, threads, vocab, length_multiple="reci
 
 def timed_fit(model, dataset, steps, callbacks=()):
     """One epoch of `steps` steps of `model.fit`: seconds from its start to the end of its
-    last step, and to its return."""
-    clock = _last_step_clock()
+    last step, and to its return.
+
+    The two differ: `fit` sometimes returned seconds after its last step (rounds that read
+    20.5 s for 40 batches had spent about 10 s after `on_train_end`, every such `fit` ending
+    10.24 or 20.48 s after its start: the wake-ups of tf.data's autotuning thread, whose
+    period doubles from 10 ms; none with autotuning off). A run calls `fit` once and pays
+    that once, so the real-batch rows count the steps and record the rest apart.
+    """
+    import keras
+
+    class LastStepClock(keras.callbacks.Callback):
+        time = None
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.time = time.perf_counter()
+
+    clock = LastStepClock()
     begin = time.perf_counter()
     # shuffle=False: the batches come as a dataset, which Keras does not shuffle (True warns).
     model.fit(
@@ -264,19 +274,6 @@ def timed_fit(model, dataset, steps, callbacks=()):
         callbacks=[clock, *callbacks],
     )
     return clock.time - begin, time.perf_counter() - begin
-
-
-def _last_step_clock():
-    """A Keras callback whose `time` is when the last training step ended."""
-    import keras
-
-    class LastStepClock(keras.callbacks.Callback):
-        time = None
-
-        def on_train_batch_end(self, batch, logs=None):
-            self.time = time.perf_counter()
-
-    return LastStepClock()
 
 
 def _generator(batches):
