@@ -315,12 +315,42 @@ def test_gpu_step_profile_runs_on_cpu_and_names_the_layers(tmp_path):
     assert report["run"]["shape"] == TINY and report["run"]["traced_steps"] == 2
     categories = {row["key"]: row["ms_per_step"] for row in summary["by_category"]}
     assert categories["matrix products (GEMM kernels, dot fusions)"] > 0
-    # The dumped HLO names most of the time's source: the three parts of a step appear.
-    passes = {row["key"]: row["share"] for row in summary["by_pass"]}
+    # The dumped HLO names the source of most ops: the three parts of a step appear. Counted,
+    # not timed: the time shares of a tiny step on a loaded CPU moved from 0.19 to 0.55 for
+    # the unnamed ops (a CI run failed on it); their count is fixed by the compiled step (a
+    # quarter unnamed: layout copies XLA adds; a third while fusions went unnamed).
+    passes = {row["key"]: row["count_per_step"] for row in summary["by_pass"]}
     assert {"forward", "backward", "optimizer update"} <= set(passes)
-    assert passes.get("(no source name)", 0) < 0.5
+    assert passes.get("(no source name)", 0) / sum(passes.values()) < 0.3
     layers = {row["key"] for row in summary["by_layer"]}
     assert any(key.startswith("backward") and "feed_forward" in key for key in layers)
     shares = sum(row["share"] for row in summary["by_op"])
     assert shares == pytest.approx(1.0)
     assert output.read_text().startswith("# Training step profile on the JAX backend")
+
+
+def test_a_fusion_without_metadata_takes_the_name_of_what_it_fused(tmp_path):
+    from benchmarks.profile_gpu_step import dumped_source_names
+
+    name = "jit(train_step)/transpose(jvp(decoder_layer_1))/feed_forward/inner/reduce_sum"
+    (tmp_path / "module_0036.jit_train_step.cpu_after_optimizations.txt").write_text(
+        "HloModule jit_train_step, entry_computation_layout={()->bf16[64]}\n\n"
+        "%fused_computation.144 (param_0.155: bf16[8,8,64]) -> bf16[64] {\n"
+        "  %param_0.155 = bf16[8,8,64]{2,1,0} parameter(0)\n"
+        "  %convert.4170 = f32[8,8,64]{2,1,0} convert(%param_0.155)\n"
+        "  %constant.571 = f32[] constant(0)\n"
+        "  %reduce_sum.761 = f32[64]{0} reduce(%convert.4170, %constant.571), "
+        f'dimensions={{0,1}}, to_apply=%region, metadata={{op_name="{name}" stack_frame_id=212}}\n'
+        "  ROOT %convert.4169 = bf16[64]{0} convert(%reduce_sum.761)\n"
+        "}\n\n"
+        "ENTRY %main.1 (p: bf16[8,8,64]) -> bf16[64] {\n"
+        "  %p = bf16[8,8,64]{2,1,0} parameter(0)\n"
+        "  ROOT %reduce_convert_fusion.1 = bf16[64]{0} fusion(%p), kind=kLoop, "
+        "calls=%fused_computation.144\n"
+        "  %copy.3 = bf16[64]{0} copy(%reduce_convert_fusion.1)\n"
+        "}\n"
+    )
+    names = dumped_source_names(tmp_path)
+    assert names[("jit_train_step", "reduce_convert_fusion.1")] == name
+    assert names[("jit_train_step", "reduce_sum.761")] == name
+    assert ("jit_train_step", "copy.3") not in names  # nothing to name it by
