@@ -16,6 +16,8 @@ Variants (`--variants`, comma-separated; the first is the baseline):
                 into the dropout mask)
   `argmax_acc`  the token accuracy as an arg-max over the logits (before it reused the loss's
                 maximum)
+  `dropout16`   every dropout mask from 16-bit numbers, two per random word (`Dropout(bits=16)`;
+                before the 8-bit numbers of `dropout_levels`)
 
 Bounds, not candidates (models that compute something else; each says how much wall time
 that part of the step takes, so at most what any speed-up of it can give; a profile's kernel
@@ -50,6 +52,7 @@ VARIANTS = (
     "keras_ln",
     "argmax_acc",
     "relu_ffn",
+    "dropout16",
     "no_dropout",
     "no_layer_norm",
 )
@@ -153,11 +156,16 @@ def build(preset: str, mode: str, variant: str):
         assert norms and all(type(n) is IdentityNorm for n in norms)
     else:
         model = build_transformer(config)
-    if variant == "no_dropout":
+    if variant in ("no_dropout", "dropout16"):
         from keras_transformer.layers.dropout import Dropout
 
         drops = [n for n in model._flatten_layers() if isinstance(n, Dropout)]
-        assert drops and all(n.rate == 0 for n in drops)
+        if variant == "dropout16":
+            for layer in drops:
+                layer.bits = 16  # read when the step is traced, on its first call
+        assert drops and all(
+            n.rate == 0 if variant == "no_dropout" else n.bits == 16 for n in drops
+        )
     opts = TrainConfig(mixed_precision=None if mode == "float32" else mode, jit_compile=False)
     if variant == "jit":
         opts = dataclasses.replace(opts, jit_compile=True)

@@ -97,7 +97,7 @@ def test_training_step_ab_times_every_variant_in_turns(tmp_path):
     and a missing ratio to the baseline."""
     output = tmp_path / "ab.json"
     command = [sys.executable, "benchmarks/training_step_ab.py", "--preset", "tiny"]
-    variants = "keras_adam,keras_ln,argmax_acc,relu_ffn,no_dropout,no_layer_norm,ours"
+    variants = "keras_adam,keras_ln,argmax_acc,relu_ffn,dropout16,no_dropout,no_layer_norm,ours"
     command += ["--variants", variants, "--steps", "2", "--chunk", "1"]
     command += ["--warmup", "1"]
     command += ["--output", str(output)]
@@ -117,10 +117,10 @@ def test_training_step_ab_times_every_variant_in_turns(tmp_path):
     assert bad.returncode == 2 and "'ours,fast'" in bad.stderr
 
 
-def test_training_step_ab_bounds_take_out_what_they_name():
-    """The bound variants are the model they name, on `small` (whose dropout is 0.1): catches
-    `no_dropout` building with the preset's rates and `no_layer_norm` leaving a norm in place
-    (either would time our own model as its bound)."""
+def test_training_step_ab_bounds_and_dropout16_are_the_model_they_name():
+    """The bound variants and `dropout16` are the model they name, on `small` (whose dropout
+    is 0.1): catches `no_dropout` building with the preset's rates, `no_layer_norm` leaving a
+    norm in place and `dropout16` leaving the 8-bit masks (each would time our own model)."""
     import keras
 
     from benchmarks.training_step_ab import build
@@ -141,6 +141,11 @@ def test_training_step_ab_bounds_take_out_what_they_name():
     no_norm, _ = build("small", "float32", "no_layer_norm")
     assert norms(no_norm) == [] and rates(no_norm) == rates(ours)
     assert no_norm.count_params() < ours.count_params()
+    bits = {n.bits for n in ours._flatten_layers() if isinstance(n, Dropout)}
+    assert bits == {None}  # dropout_levels' choice: 8 bits at 0.1
+    dropout16, _ = build("small", "float32", "dropout16")
+    assert {n.bits for n in dropout16._flatten_layers() if isinstance(n, Dropout)} == {16}
+    assert rates(dropout16) == rates(ours)
     keras.backend.clear_session()
 
 

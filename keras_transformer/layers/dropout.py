@@ -2,18 +2,24 @@
 
 import keras
 
+from keras_transformer.layers.dropout_levels import effective_rate, resolve_bits
+
 
 @keras.saving.register_keras_serializable(package="keras_transformer")
 class Dropout(keras.layers.Layer):
-    """Inverted dropout, as `keras.layers.Dropout`, whose mask costs fewer random numbers on
-    TensorFlow and JAX (`dropout_tf`, `dropout_jax`): there each element gets a 16-bit uniform
-    number, so the rate is rounded to a multiple of 1/65536 (0.1 -> 0.100006) and kept
-    elements are scaled by the inverse of the rounded keep probability (`dropout_levels`); the
-    expectation is unchanged. Other backends call `keras.random.dropout`.
+    """Inverted dropout, as `keras.layers.Dropout`, whose mask costs fewer random bits on
+    TensorFlow and JAX (`dropout_tf`, `dropout_jax`): there each element gets an 8-bit uniform
+    number, so the rate is rounded to a multiple of 1/256 (0.1 -> 0.1016), or a 16-bit one
+    where that would move the rate by more than 2% of itself (0.01 -> 0.009995); kept
+    elements are scaled by the inverse of the rounded keep probability (`dropout_levels`), so
+    the expectation is unchanged. `effective_rate` is the rounded rate. Other backends call
+    `keras.random.dropout` with `rate` as given.
 
     Args:
         rate: drop probability, in `[0, 1)`.
         seed: seed of the layer's `keras.random.SeedGenerator`.
+        bits: 8 or 16 bits per element's number on TensorFlow and JAX; None (the default)
+            lets `dropout_levels` choose by the rate as above.
 
     Call arguments:
         inputs: a float tensor of any shape.
@@ -27,12 +33,14 @@ class Dropout(keras.layers.Layer):
         A tensor of the shape and dtype of `inputs`.
     """
 
-    def __init__(self, rate, seed=None, **kwargs):
+    def __init__(self, rate, seed=None, bits=None, **kwargs):
         super().__init__(**kwargs)
         if not 0 <= rate < 1:
             raise ValueError(f"Dropout rate must be in [0, 1), got {rate!r}")
+        resolve_bits(rate, bits)  # an error naming the value, here rather than in a trace
         self.rate = float(rate)
         self.seed = seed
+        self.bits = bits
         self.supports_masking = True
         if self.rate > 0:
             self.seed_generator = keras.random.SeedGenerator(seed)
@@ -47,17 +55,28 @@ class Dropout(keras.layers.Layer):
         if backend == "tensorflow":
             from keras_transformer.layers import dropout_tf
 
-            return dropout_tf.dropout(inputs, self.rate, self.seed_generator.next(), keep)
+            return dropout_tf.dropout(
+                inputs, self.rate, self.seed_generator.next(), keep, self.bits
+            )
         if backend == "jax":
             from keras_transformer.layers import dropout_jax
 
-            return dropout_jax.dropout(inputs, self.rate, self.seed_generator.next(), keep)
+            return dropout_jax.dropout(
+                inputs, self.rate, self.seed_generator.next(), keep, self.bits
+            )
         if keep is not None:
             inputs = keras.ops.where(keep, inputs, keras.ops.zeros_like(inputs))
         return keras.random.dropout(inputs, self.rate, seed=self.seed_generator)
+
+    @property
+    def effective_rate(self) -> float:
+        """The drop probability of this backend's masks (`rate` rounded as above)."""
+        if keras.config.backend() in ("tensorflow", "jax"):
+            return effective_rate(self.rate, self.bits)
+        return self.rate
 
     def compute_output_shape(self, input_shape):
         return input_shape
 
     def get_config(self):
-        return {**super().get_config(), "rate": self.rate, "seed": self.seed}
+        return {**super().get_config(), "rate": self.rate, "seed": self.seed, "bits": self.bits}

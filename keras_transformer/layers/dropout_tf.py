@@ -3,36 +3,44 @@
 `keras.layers.Dropout` on TensorFlow draws one float per element (`StatelessRandomUniformV2`,
 Philox), and in the profile of the `mixed_bfloat16` training step those draws were 12.6% of
 kernel time (`benchmarks/results/training_profile_mixed_bfloat16.md`). Here one 32-bit Philox
-draw gives two 16-bit uniform numbers, half the generator's work, and the mask is a comparison
-of integers.
+draw gives four 8-bit uniform numbers (two 16-bit ones for the rates `dropout_levels` keeps at
+16 bits), a quarter of the generator's work, and the mask is a comparison of integers.
 """
 
 from __future__ import annotations
 
-from keras_transformer.layers.dropout_levels import scale, threshold
+from keras_transformer.layers.dropout_levels import resolve_bits, scale, threshold
 
 
-def dropout(inputs, rate: float, seed, keep=None):
-    """`inputs` with each element dropped with probability `threshold(rate) / 65536` and the
-    kept ones scaled by `scale(rate)` (`dropout_levels`); where the optional boolean `keep`
-    (the shape of `inputs`) is false, dropped whatever the draw.
+def dropout(inputs, rate: float, seed, keep=None, bits: int | None = None):
+    """`inputs` with each element dropped with probability `effective_rate(rate, bits)` and
+    the kept ones scaled by `scale(rate, bits)` (`dropout_levels`); where the optional boolean
+    `keep` (the shape of `inputs`) is false, dropped whatever the draw.
 
     Args:
         inputs: a float tensor of any shape.
         rate: the drop probability, in `[0, 1)`.
         seed: a stateless seed, int `[2]` (a `keras.random.SeedGenerator`'s `next()`).
+        bits: 8 or 16 bits per element's number; None: `dropout_levels`' choice.
     """
     import tensorflow as tf
 
-    level = threshold(rate)
+    bits = resolve_bits(rate, bits)
+    level = threshold(rate, bits)
     if level == 0:
         return inputs if keep is None else tf.where(keep, inputs, tf.zeros_like(inputs))
+    per_word = 32 // bits
+    dtype = tf.uint8 if per_word == 4 else tf.uint16
     size = tf.size(inputs)
     words = tf.random.stateless_uniform(
-        [(size + 1) // 2], tf.cast(seed, tf.int64), minval=None, maxval=None, dtype=tf.uint32
+        [(size + per_word - 1) // per_word],
+        tf.cast(seed, tf.int64),
+        minval=None,
+        maxval=None,
+        dtype=tf.uint32,
     )
-    numbers = tf.reshape(tf.bitcast(words, tf.uint16), [-1])[:size]
-    drawn = tf.reshape(numbers >= level, tf.shape(inputs))
+    numbers = tf.reshape(tf.bitcast(words, dtype), [-1])[:size]
+    drawn = tf.reshape(numbers >= tf.constant(level, dtype), tf.shape(inputs))
     keep = drawn if keep is None else tf.logical_and(drawn, keep)
     # One multiply by a 0-or-scale mask: its gradient is one multiply too, where
     # `where(keep, inputs * scale, 0)` costs a select, a zeros tensor and a multiply each
@@ -40,7 +48,7 @@ def dropout(inputs, rate: float, seed, keep=None):
     # where dropped; the values are otherwise the same.
     mask = tf.where(
         keep,
-        tf.constant(scale(rate), inputs.dtype),
+        tf.constant(scale(rate, bits), inputs.dtype),
         tf.constant(0, inputs.dtype),
     )
     return inputs * mask

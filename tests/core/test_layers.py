@@ -156,23 +156,31 @@ DROPOUT_CHECK = r"""
 import json, keras, numpy as np
 from keras_transformer.layers.dropout import Dropout
 layer = Dropout(0.1, seed=3)
-x = keras.ops.ones((201, 501))  # an odd element count: the last 16-bit number is unused
+x = keras.ops.ones((201, 501))  # 100,701 elements: three 8-bit numbers of the last word unused
 first = np.asarray(layer(x, training=True))
 second = np.asarray(layer(x, training=True))
 again = np.asarray(Dropout(0.1, seed=3)(x, training=True))
 bf16 = Dropout(0.1, seed=3, dtype="mixed_bfloat16")
 half = bf16(keras.ops.ones((7, 3, 5), dtype="bfloat16"), training=True)
-pairs = (first == 0).reshape(-1)[:-1].reshape(-1, 2)  # numbers drawn from the same word
+dropped = first == 0
 keep_np = np.random.default_rng(0).random((201, 501)) < 0.5
 x_keep = keras.ops.convert_to_tensor(keep_np)
 kept = np.asarray(layer(x, training=True, keep=x_keep))
 ones = np.ones((201, 501))
+def rule(layer):
+    out = np.asarray(layer(x, training=True))
+    return {"drop_share": float((out == 0).mean()), "kept": sorted(set(out[out != 0].tolist())),
+            "effective_rate": layer.effective_rate}
 print(json.dumps({
     "backend": keras.config.backend(), "shape": list(first.shape),
     "drop_share": float((first == 0).mean()), "kept": sorted(set(first[first != 0].tolist())),
+    "effective_rate": layer.effective_rate,
     "mean": float(first.mean()), "new_mask_share": float(((first == 0) != (second == 0)).mean()),
     "same_seed_same_mask": bool(np.array_equal(again, first)),
-    "both_of_a_word_dropped": float((pairs[:, 0] & pairs[:, 1]).mean()),
+    # Elements d apart in a row: within one random word (d < 4), one JAX block (d < 8), or
+    # across words.
+    "both_dropped_at_offset": [
+        float((dropped[:, :-d] & dropped[:, d:]).mean()) for d in range(1, 10)],
     "inference_unchanged": bool(np.array_equal(np.asarray(layer(x, training=False)), ones)),
     "rate_0_unchanged": bool(np.array_equal(np.asarray(Dropout(0.0)(x, training=True)), ones)),
     "bf16": [keras.backend.standardize_dtype(half.dtype), list(half.shape)],
@@ -180,24 +188,31 @@ print(json.dumps({
     "keep_kept_share": float((kept[keep_np] != 0).mean()),
     "keep_inference": bool(np.array_equal(
         np.asarray(layer(x, training=False, keep=x_keep)), np.where(keep_np, 1.0, 0.0))),
+    "rate_0_01": rule(Dropout(0.01, seed=4)),
+    "bits_16": rule(Dropout(0.1, seed=5, bits=16)),
 }))
 """
 
 
 @pytest.mark.parametrize("backend", ["tensorflow", "jax"])
 def test_dropout_drops_at_its_rate_keeps_the_expectation_and_draws_new_masks(backend):
-    """Both backends' 16-bit masks (`dropout_tf`, `dropout_jax`), in a fresh process each."""
+    """Both backends' masks (`dropout_tf`, `dropout_jax`), in a fresh process each: 8-bit
+    numbers at 0.1, 16-bit ones where 8 bits would move the rate (0.01) or when asked."""
     if importlib.util.find_spec(backend) is None:
         pytest.skip(f"{backend} is not installed")
     report = run_script(DROPOUT_CHECK, backend=backend)
     assert report["backend"] == backend and report["shape"] == [201, 501]
     # 100,701 elements: the drop share's standard deviation is about 0.001.
-    assert abs(report["drop_share"] - 0.1) < 0.005
+    assert report["effective_rate"] == 26 / 256
+    assert abs(report["drop_share"] - 26 / 256) < 0.005
     # Kept elements carry the inverse of the rounded keep probability: the mean stays 1.
-    np.testing.assert_allclose(report["kept"], [65536 / (65536 - 6554)], rtol=1e-6)
+    np.testing.assert_allclose(report["kept"], [256 / (256 - 26)], rtol=1e-6)
     assert abs(report["mean"] - 1) < 0.01
-    # The two numbers of one random word are independent: both dropped about 1% of the time.
-    assert abs(report["both_of_a_word_dropped"] - 0.01) < 0.003
+    # The numbers of one random word (and of one JAX block's two words) are independent: two
+    # elements at any offset are both dropped about 1% of the time (about 100k pairs:
+    # standard deviation about 0.0003).
+    for both in report["both_dropped_at_offset"]:
+        assert abs(both - (26 / 256) ** 2) < 0.003, report["both_dropped_at_offset"]
     # Every call draws a new mask; the same seed gives the same masks.
     assert report["new_mask_share"] > 0.1
     assert report["same_seed_same_mask"]
@@ -205,7 +220,33 @@ def test_dropout_drops_at_its_rate_keeps_the_expectation_and_draws_new_masks(bac
     assert report["bf16"] == ["bfloat16", [7, 3, 5]]
     # `keep` zeroes where false, training or not, and the draw still drops a tenth elsewhere.
     assert report["keep_training"] and report["keep_inference"]
-    assert abs(report["keep_kept_share"] - 0.9) < 0.01
+    assert abs(report["keep_kept_share"] - (1 - 26 / 256)) < 0.01
+    # 0.01 in 8 bits would be 3/256 = 0.0117: 16 bits keep it at 655/65536.
+    small = report["rate_0_01"]
+    assert small["effective_rate"] == 655 / 65536
+    assert abs(small["drop_share"] - 0.01) < 0.002
+    np.testing.assert_allclose(small["kept"], [65536 / (65536 - 655)], rtol=1e-6)
+    asked = report["bits_16"]
+    assert asked["effective_rate"] == 6554 / 65536 and abs(asked["drop_share"] - 0.1) < 0.005
+    np.testing.assert_allclose(asked["kept"], [65536 / (65536 - 6554)], rtol=1e-6)
+
+
+def test_dropout_levels_round_the_rate_to_8_bits_unless_that_moves_it():
+    from keras_transformer.layers.dropout import Dropout
+    from keras_transformer.layers.dropout_levels import default_bits, effective_rate, scale
+
+    assert [default_bits(r) for r in (0.0, 0.1, 0.3, 0.5, 0.05, 0.01, 0.001, 0.08)] == [
+        8, 8, 8, 8, 8, 16, 16, 16,
+    ]  # fmt: skip
+    for rate in (0.001, 0.01, 0.05, 0.08, 0.1, 0.2, 0.3, 0.5, 0.9):
+        assert abs(effective_rate(rate) - rate) <= 0.02 * rate, rate
+        # Inverted dropout keeps the expectation: keep probability times scale is 1.
+        assert (1 - effective_rate(rate)) * scale(rate) == pytest.approx(1.0)
+    assert effective_rate(0.999) < 1  # one level is always kept
+    with pytest.raises(ValueError, match="bits must be 8, 16 or None, got 12"):
+        Dropout(0.1, bits=12)
+    layer = Dropout(0.1, seed=1, bits=16)
+    assert Dropout.from_config(layer.get_config()).bits == 16
 
 
 FOLDED_RELU = r"""
