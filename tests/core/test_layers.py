@@ -245,6 +245,12 @@ def test_dropout_levels_round_the_rate_to_8_bits_unless_that_moves_it():
     assert effective_rate(0.999) < 1  # one level is always kept
     with pytest.raises(ValueError, match="bits must be 8, 16 or None, got 12"):
         Dropout(0.1, bits=12)
+    # A rate that its numbers cannot express would silently drop nothing.
+    with pytest.raises(ValueError, match="rate 0.001 rounds to 0 with 8-bit numbers"):
+        Dropout(0.001, bits=8)
+    with pytest.raises(ValueError, match="rate 1e-06 rounds to 0 with 16-bit numbers"):
+        Dropout(1e-6)
+    assert Dropout(0.001).effective_rate == 66 / 65536  # the default rule takes 16 bits
     layer = Dropout(0.1, seed=1, bits=16)
     assert Dropout.from_config(layer.get_config()).bits == 16
 
