@@ -178,7 +178,7 @@ def dumped_source_names(dump_dir: Path) -> dict:
             found = op_name.search(line)
             if found:
                 names[(module, match.group(1))] = found.group(1)
-                root, last = named_in.get(current, ("", ""))
+                root = named_in.get(current, ("", ""))[0]
                 is_root = line.lstrip().startswith("ROOT")
                 named_in[current] = (found.group(1) if is_root else root, found.group(1))
             else:

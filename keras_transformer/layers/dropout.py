@@ -37,11 +37,12 @@ class Dropout(keras.layers.Layer):
         super().__init__(**kwargs)
         if not 0 <= rate < 1:
             raise ValueError(f"Dropout rate must be in [0, 1), got {rate!r}")
-        resolve_bits(rate, bits)  # an error naming the value, here rather than in a trace
-        if rate > 0 and effective_rate(rate, bits) == 0:
+        # Errors naming the value here rather than in a trace.
+        resolved = resolve_bits(rate, bits)
+        if rate > 0 and effective_rate(rate, resolved) == 0:
             raise ValueError(
-                f"Dropout rate {rate!r} rounds to 0 with {resolve_bits(rate, bits)}-bit "
-                "numbers (no element would be dropped); use bits=16, or rate 0"
+                f"Dropout rate {rate!r} rounds to 0 with {resolved}-bit numbers (no element "
+                "would be dropped); use bits=16, or rate 0"
             )
         self.rate = float(rate)
         self.seed = seed

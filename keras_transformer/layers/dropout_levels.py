@@ -22,10 +22,7 @@ MAX_RELATIVE_ERROR = 0.02
 def default_bits(rate: float) -> int:
     """8, or 16 where rounding the rate to a multiple of 1/256 would move it by more than
     `MAX_RELATIVE_ERROR` of itself."""
-    if rate == 0:
-        return 8
-    rounded = min(int(round(rate * 256)), 255) / 256
-    return 8 if abs(rounded - rate) <= MAX_RELATIVE_ERROR * rate else 16
+    return 8 if abs(effective_rate(rate, 8) - rate) <= MAX_RELATIVE_ERROR * rate else 16
 
 
 def resolve_bits(rate: float, bits: int | None = None) -> int:

@@ -30,7 +30,7 @@ def dropout(inputs, rate: float, seed, keep=None, bits: int | None = None):
     if level == 0:
         return inputs if keep is None else tf.where(keep, inputs, tf.zeros_like(inputs))
     per_word = 32 // bits
-    dtype = tf.uint8 if per_word == 4 else tf.uint16
+    dtype = tf.uint8 if bits == 8 else tf.uint16
     size = tf.size(inputs)
     words = tf.random.stateless_uniform(
         [(size + per_word - 1) // per_word],
