@@ -28,8 +28,18 @@ def label_smoothed_token_losses(labels, logits, label_smoothing=0.1):
 
     Returns:
         float32 `[batch, length]`.
+
+    On TensorFlow (CPU) the loss and its gradient are two compiled kernels
+    (`keras_transformer.losses_tf`, one pass over the logits each); the `keras.ops` code below
+    is what the other backends run, and TensorFlow where the kernels are unavailable.
     """
     labels = ops.cast(labels, "int32")
+    if keras.config.backend() == "tensorflow":
+        from keras_transformer import losses_tf
+
+        fused = losses_tf.token_losses(labels, logits, label_smoothing)
+        if fused is not None:
+            return fused
     vocab_size = logits.shape[-1]
     smoothing = float(label_smoothing)
 
@@ -132,6 +142,28 @@ class MaskedLabelSmoothingLoss(keras.losses.Loss):
         return config
 
 
+def label_is_max(labels, logits):
+    """Bool `[batch, length]`: whether each label's logit equals its row's maximum.
+
+    The maximum is the one the loss computes (`label_smoothed_token_losses`: on TensorFlow the
+    same kernel on the same tensor, else the same cast and max), so TensorFlow's graph
+    optimizer computes it once for both.
+    """
+    labels = ops.cast(labels, "int32")
+    if keras.config.backend() == "tensorflow":
+        from keras_transformer import losses_tf
+
+        fused = losses_tf.label_is_max(labels, logits)
+        if fused is not None:
+            return fused
+    # Written as the loss writes its maximum (cast, then max over the vocabulary with kept
+    # dims) so that the two are one op after common-subexpression elimination.
+    scores = ops.cast(logits, "float32")
+    best = ops.max(scores, axis=-1, keepdims=True)
+    label_scores = ops.take_along_axis(scores, labels[..., None], axis=-1)
+    return ops.squeeze(label_scores >= best, axis=-1)
+
+
 @keras.saving.register_keras_serializable(package="keras_transformer")
 class MaskedTokenAccuracy(keras.metrics.Metric):
     """Share of non-padding target tokens whose label gets the highest score.
@@ -154,12 +186,7 @@ class MaskedTokenAccuracy(keras.metrics.Metric):
     def update_state(self, y_true, y_pred, sample_weight=None):
         y_true = ops.cast(y_true, "int32")
         mask = ops.cast(ops.not_equal(y_true, self.pad_id), "float32")
-        # Written as the loss writes its maximum (cast, then max over the vocabulary with
-        # kept dims) so that the two are one op after common-subexpression elimination.
-        scores = ops.cast(y_pred, "float32")
-        best = ops.max(scores, axis=-1, keepdims=True)
-        label_scores = ops.take_along_axis(scores, y_true[..., None], axis=-1)
-        hits = ops.cast(ops.squeeze(label_scores >= best, axis=-1), "float32")
+        hits = ops.cast(label_is_max(y_true, y_pred), "float32")
         self.correct.assign_add(ops.sum(hits * mask))
         self.total.assign_add(ops.sum(mask))
 

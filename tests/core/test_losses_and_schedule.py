@@ -140,17 +140,30 @@ def test_token_accuracy_counts_a_label_tied_for_the_highest_score():
     assert float(metric.result()) == pytest.approx(1 / 2)
 
 
-def test_the_training_step_takes_no_arg_max_over_the_logits():
+@pytest.mark.parametrize("kernels", ["1", "0"])
+def test_the_training_step_takes_no_arg_max_over_the_logits(kernels, monkeypatch):
     """The accuracy reuses the loss's maximum; an arg-max over `[batch, length, vocab]` was
-    4-5% of the bf16 `small` step."""
+    4-5% of the bf16 `small` step. With the native kernels (`losses_tf`) both ask
+    `KerasTransformerLogitStatistics` (that it then runs once per step is counted in
+    `tests/core/test_native_kernels.py`), and under `mixed_bfloat16` both kernels take the
+    bf16 logits, not the float32 copy Keras makes for the loss; without them, a `Max` of the
+    same cast."""
     import tensorflow as tf
 
     from keras_transformer import TransformerConfig, build_transformer
+    from keras_transformer.kernels import native
 
     if keras.config.backend() != "tensorflow":
         pytest.skip("inspects a TensorFlow graph")
+    monkeypatch.setenv(native.SWITCH, kernels)
+    if kernels == "1" and native.library() is None:
+        pytest.skip(f"native kernels unavailable: {native.unavailable_reason()}")
     config = TransformerConfig.preset("tiny")
-    model = build_transformer(config)
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = build_transformer(config)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
     model.compile(
         optimizer="adam",
         loss=MaskedLabelSmoothingLoss(0.1),
@@ -161,9 +174,22 @@ def test_the_training_step_takes_no_arg_max_over_the_logits():
         ({"source_ids": ids, "target_ids": ids}, ids)
     )
     graph = step.graph.as_graph_def()
+    nodes = list(graph.node) + [n for f in graph.library.function for n in f.node_def]
     ops = [node.op for node in graph.node]
     ops += [node.op for function in graph.library.function for node in function.node_def]
-    assert "Max" in ops and "ArgMax" not in ops
+    assert "ArgMax" not in ops
+    if kernels == "1":
+        assert ops.count("KerasTransformerLogitStatistics") == 2  # the loss's and the metric's
+        assert ops.count("KerasTransformerSmoothedCrossEntropyGrad") == 1
+        assert "Max" not in ops and "Exp" not in ops
+        kernel_types = {
+            tf.dtypes.as_dtype(node.attr["T"].type).name
+            for node in nodes
+            if node.op.startswith("KerasTransformer")
+        }
+        assert kernel_types == {"bfloat16"}
+    else:
+        assert "Max" in ops and "KerasTransformerLogitStatistics" not in ops
 
 
 def test_schedule_follows_the_paper():

@@ -1,0 +1,1 @@
+"""TensorFlow CPU kernels of this package, compiled on first use (see `native`)."""
