@@ -26,7 +26,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-SOURCES = (Path(__file__).with_name("smoothed_cross_entropy.cc"),)
+SOURCE_DIR = Path(__file__).parent
 SWITCH = "KERAS_TRANSFORMER_NATIVE_KERNELS"
 
 _loaded: dict = {}
@@ -97,6 +97,8 @@ def _build() -> Path:
     compiler = os.environ.get("CXX", "g++")
     if shutil.which(compiler) is None:
         raise KernelBuildError(f"no C++ compiler {compiler!r} on PATH (set CXX to one)")
+    sources = sorted(SOURCE_DIR.glob("*.cc"))
+    headers = sorted(SOURCE_DIR.glob("*.h"))
     command = [
         compiler,
         "-shared",
@@ -105,13 +107,14 @@ def _build() -> Path:
         "-march=native",
         "-w",
         *tf.sysconfig.get_compile_flags(),
-        *(str(s) for s in SOURCES),
+        *(str(s) for s in sources),
     ]
     link = tf.sysconfig.get_link_flags()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256()
-    for part in (*(s.read_bytes() for s in SOURCES), tf.__version__, " ".join(command + link)):
+    for part in (*(f.read_bytes() for f in sources + headers), tf.__version__):
         key.update(part if isinstance(part, bytes) else part.encode())
+    key.update(" ".join(command + link).encode())
     key.update(version.encode())
     key.update(_cpu_flags().encode())
     target = cache_dir() / f"kernels-{key.hexdigest()[:16]}.so"

@@ -16,25 +16,9 @@
 #include <cstdint>
 #include <cstring>
 
-#include "tensorflow/core/framework/op.h"
-#include "tensorflow/core/framework/op_kernel.h"
-#include "tensorflow/core/framework/shape_inference.h"
-#include "tensorflow/core/util/work_sharder.h"
-#include "unsupported/Eigen/CXX11/Tensor"
+#include "keras_transformer_kernels.h"
 
 namespace keras_transformer {
-
-using tensorflow::bfloat16;
-using tensorflow::DEVICE_CPU;
-using tensorflow::OpKernel;
-using tensorflow::OpKernelConstruction;
-using tensorflow::OpKernelContext;
-using tensorflow::Status;
-using tensorflow::Tensor;
-using tensorflow::TensorShape;
-using tensorflow::shape_inference::DimensionHandle;
-using tensorflow::shape_inference::InferenceContext;
-using tensorflow::shape_inference::ShapeHandle;
 
 REGISTER_OP("KerasTransformerLogitStatistics")
     .Input("logits: T")
@@ -66,36 +50,6 @@ REGISTER_OP("KerasTransformerSmoothedCrossEntropyGrad")
     });
 
 namespace {
-
-// One row of logits as float32, into `out` (bfloat16 is the top half of a float32).
-inline void ToFloat(const float* in, int64_t n, float* out) {
-  std::memcpy(out, in, n * sizeof(float));
-}
-inline void ToFloat(const bfloat16* in, int64_t n, float* out) {
-  const uint16_t* bits = reinterpret_cast<const uint16_t*>(in);
-  uint32_t* wide = reinterpret_cast<uint32_t*>(out);
-  for (int64_t i = 0; i < n; ++i) wide[i] = static_cast<uint32_t>(bits[i]) << 16;
-}
-
-inline void FromFloat(const float* in, int64_t n, float* out) {
-  std::memcpy(out, in, n * sizeof(float));
-}
-// Round to nearest even, as TensorFlow's Cast to bfloat16 does; NaN stays a (quiet) NaN.
-inline void FromFloat(const float* in, int64_t n, bfloat16* out) {
-  const uint32_t* wide = reinterpret_cast<const uint32_t*>(in);
-  uint16_t* bits = reinterpret_cast<uint16_t*>(out);
-  for (int64_t i = 0; i < n; ++i) {
-    uint32_t u = wide[i];
-    uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    bits[i] = (u & 0x7FFFFFFFu) > 0x7F800000u ? static_cast<uint16_t>((u >> 16) | 0x40u)
-                                              : static_cast<uint16_t>(rounded);
-  }
-}
-
-// A row buffer of Eigen's own alignment: Eigen's vectorized sums over a buffer of another
-// alignment start their packets at another element, and the sums (so losses and gradients)
-// would change in the last bits with the address malloc returned.
-using FloatRow = Eigen::ArrayXf;
 
 template <typename T>
 class LogitStatisticsOp : public OpKernel {

@@ -4,7 +4,9 @@ With `y = xhat * gamma + beta`, `xhat = (x - mean) * rstd` over the last axis, t
 `dx = rstd * (g - mean(g) - xhat * mean(g * xhat))` with `g = dy * gamma`, and
 `dgamma = sum(dy * xhat)`, `dbeta = sum(dy)` over the other axes: about 15 ops, where
 TensorFlow's automatic differentiation of the forward ops (`tf.nn.moments`' reductions and
-broadcasts, `Tile`s included) emits about 60.
+broadcasts, `Tile`s included) emits about 60. Where this package's compiled kernels are available
+(`keras_transformer.kernels.native`), the forward pass and the gradient are one kernel each
+(`kernels/layer_norm.cc`, one pass over the rows, the output rounded once to the input's dtype).
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from __future__ import annotations
 
 def layer_norm(inputs, gamma, beta, epsilon):
     """Layer norm of `inputs` over its last axis, computed in (at least) float32 like Keras'
-    `ops.layer_normalization`, returned in float32 (the caller casts it).
+    `ops.layer_normalization`, returned in float32 or, by the kernels, in the dtype of
+    `inputs` (the caller casts it to its compute dtype).
 
     Args:
         inputs: float `[..., features]`.
@@ -20,6 +23,10 @@ def layer_norm(inputs, gamma, beta, epsilon):
         epsilon: added to the variance.
     """
     import tensorflow as tf
+
+    kernels = _kernels(inputs, gamma)
+    if kernels is not None:
+        return _kernel_layer_norm(kernels, inputs, gamma, beta, epsilon)
 
     @tf.custom_gradient
     def normalize(x, gamma, beta):
@@ -48,4 +55,35 @@ def layer_norm(inputs, gamma, beta, epsilon):
 
     # Tensors, not variables, go into the custom gradient (it would otherwise ask for the
     # gradients of the variables it reads); reading them here keeps them on the tape.
+    return normalize(inputs, tf.convert_to_tensor(gamma), tf.convert_to_tensor(beta))
+
+
+def _kernels(inputs, gamma):
+    import tensorflow as tf
+
+    from keras_transformer.kernels import native
+
+    if inputs.dtype not in (tf.float32, tf.bfloat16) or gamma.dtype != tf.float32:
+        return None
+    if tf.config.list_logical_devices("GPU"):
+        return None  # CPU kernels; TensorFlow ops run where the tensors are
+    return native.library()
+
+
+def _kernel_layer_norm(kernels, inputs, gamma, beta, epsilon):
+    import tensorflow as tf
+
+    @tf.custom_gradient
+    def normalize(x, gamma, beta):
+        rows = tf.reshape(x, [-1, tf.shape(x)[-1]])
+        y, mean, rstd = kernels.keras_transformer_layer_norm(rows, gamma, beta, epsilon=epsilon)
+
+        def grad(upstream):
+            dx, dgamma, dbeta = kernels.keras_transformer_layer_norm_grad(
+                tf.reshape(tf.cast(upstream, x.dtype), tf.shape(rows)), rows, gamma, mean, rstd
+            )
+            return tf.reshape(dx, tf.shape(x)), dgamma, dbeta
+
+        return tf.reshape(y, tf.shape(x)), grad
+
     return normalize(inputs, tf.convert_to_tensor(gamma), tf.convert_to_tensor(beta))

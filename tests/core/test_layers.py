@@ -355,26 +355,36 @@ def test_dropout_config_round_trip_and_rate_check():
         Dropout(1.0)
 
 
+@pytest.mark.parametrize("kernels", ["1", "0"])
 @pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-5), ("mixed_bfloat16", 2e-2)])
-def test_layer_norm_training_gradient_equals_keras_layer_normalization(dtype, tolerance):
-    """The hand-written TensorFlow gradient against automatic differentiation of Keras' own
-    layer norm, same weights: outputs, input gradient and both weight gradients (a gradient
-    with a dropped `- xhat * mean(g * xhat)` term, or `dgamma` summed over the wrong axis,
-    fails here). Inference runs Keras' layer itself: bit for bit the same outputs."""
+def test_layer_norm_training_gradient_equals_keras_layer_normalization(
+    dtype, tolerance, kernels, monkeypatch
+):
+    """The hand-written TensorFlow gradient, by the compiled kernels (`kernels/layer_norm.cc`)
+    and by TensorFlow ops, against automatic differentiation of Keras' own layer norm, same
+    weights: outputs, input gradient and both weight gradients (a gradient with a dropped
+    `- xhat * mean(g * xhat)` term, `dgamma` summed over the wrong axis, or a block of rows
+    left out of the kernel's column sums fails here: 75 rows are 3 of its blocks). Inference
+    runs Keras' layer itself: bit for bit the same outputs."""
     if keras.config.backend() != "tensorflow":
         pytest.skip("the hand-written gradient is TensorFlow's; other backends run Keras' norm")
     import tensorflow as tf
 
+    from keras_transformer.kernels import native
     from keras_transformer.layers import LayerNorm
+
+    monkeypatch.setenv(native.SWITCH, kernels)
+    if kernels == "1" and native.library() is None:
+        pytest.skip(f"native kernels unavailable: {native.unavailable_reason()}")
 
     ours = LayerNorm(epsilon=1e-6, dtype=dtype)
     reference = keras.layers.LayerNormalization(epsilon=1e-6, dtype=dtype)
-    x = tf.constant(rng.normal(2.0, 3.0, size=(3, 5, 16)).astype("float32"))
+    x = tf.constant(rng.normal(2.0, 3.0, size=(3, 25, 16)).astype("float32"))
     ours.build(x.shape)
     reference.build(x.shape)
     ours.set_weights([rng.normal(1, 0.5, 16).astype("float32"), rng.normal(0, 0.5, 16)])
     reference.set_weights(ours.get_weights())
-    upstream = tf.constant(rng.normal(size=(3, 5, 16)).astype("float32"))
+    upstream = tf.constant(rng.normal(size=(3, 25, 16)).astype("float32"))
 
     def gradients(layer, **kwargs):
         with tf.GradientTape() as tape:

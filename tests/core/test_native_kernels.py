@@ -135,19 +135,51 @@ def test_the_build_is_cached_and_a_changed_source_is_built_again(monkeypatch, tm
     if native.library() is None:
         pytest.skip(f"native kernels unavailable: {native.unavailable_reason()}")
     monkeypatch.setenv("KERAS_TRANSFORMER_CACHE", str(tmp_path / "cache"))
-    source = tmp_path / native.SOURCES[0].name
-    source.write_text(native.SOURCES[0].read_text())
-    monkeypatch.setattr(native, "SOURCES", (source,))
+    sources = tmp_path / "kernels"
+    sources.mkdir()
+    for path in [*native.SOURCE_DIR.glob("*.cc"), *native.SOURCE_DIR.glob("*.h")]:
+        (sources / path.name).write_text(path.read_text())
+    monkeypatch.setattr(native, "SOURCE_DIR", sources)
     first = native._build()
     built = first.stat().st_mtime_ns
     assert native._build() == first and first.stat().st_mtime_ns == built
-    # The same file with other contents (an upgraded package) is another library.
-    source.write_text(source.read_text() + "\n// changed\n")
+    # The same files with other contents (an upgraded package) are another library; the
+    # header counts as much as the sources.
+    header = next(sources.glob("*.h"))
+    header.write_text(header.read_text() + "\n// changed\n")
     second = native._build()
     assert second != first and second.exists()
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted(
         [first.name, second.name]
     )
+
+
+LAYER_NORM_SCRIPT = """
+import hashlib, json, sys
+import numpy as np
+import tensorflow as tf
+tf.config.threading.set_intra_op_parallelism_threads(int(sys.argv[1]))
+from keras_transformer.kernels import native
+from keras_transformer.layers import layer_norm_tf
+assert native.library() is not None
+rng = np.random.default_rng(0)
+x = tf.cast(rng.normal(size=(1000, 64)), tf.bfloat16)
+gamma, beta = (tf.constant(rng.normal(size=64), tf.float32) for _ in range(2))
+upstream = tf.constant(rng.normal(size=(1000, 64)), tf.float32)
+with tf.GradientTape() as tape:
+    tape.watch([x, gamma, beta])
+    y = layer_norm_tf.layer_norm(x, gamma, beta, 1e-6)
+    loss = tf.reduce_sum(tf.cast(y, tf.float32) * upstream)
+grads = tape.gradient(loss, [x, gamma, beta])
+print(json.dumps([hashlib.sha256(g.numpy().tobytes()).hexdigest() for g in grads]))
+"""
+
+
+def test_layer_norm_gradients_do_not_depend_on_the_thread_count(kernels):
+    """The kernel sums `dgamma`, `dbeta` per fixed block of rows, then the blocks in order;
+    sums per thread's share of the rows would differ with the number of threads (and so
+    between machines) in the last bits."""
+    assert run_script(LAYER_NORM_SCRIPT, "1") == run_script(LAYER_NORM_SCRIPT, "2")
 
 
 PROFILE_SCRIPT = """
