@@ -200,3 +200,55 @@ def test_the_training_step_runs_the_statistics_kernel_once(kernels):
     assert counts.get("KerasTransformerLogitStatistics") == 2  # two traced steps
     assert counts.get("KerasTransformerSmoothedCrossEntropyGrad") == 2
     assert "ArgMax" not in counts and "Exp" not in counts
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("rate, bits", [(0.1, None), (0.01, None), (0.3, 16)])
+@pytest.mark.parametrize("shape", [(5,), (3, 7, 129), (2, 1000)])
+def test_dropout_kernel_draws_the_ops_paths_masks(kernels, dtype, rate, bits, shape, monkeypatch):
+    """`kernels/dropout.cc` makes the Philox words of `StatelessRandomUniformFullIntV2` itself
+    (sixteen blocks at a time) and cuts them as `dropout_tf`'s bitcast does: the same seed must
+    give the same outputs and gradients, bit for bit, with and without a `keep` mask, for
+    8- and 16-bit numbers and sizes that end inside a block (5, 2709) or span chunks (2000)."""
+    import tensorflow as tf
+
+    from keras_transformer.kernels import native
+    from keras_transformer.layers import dropout_tf
+
+    rng = np.random.default_rng(1)
+    x = tf.cast(rng.normal(size=shape), dtype)
+    upstream = tf.cast(rng.normal(size=shape), dtype)
+    for keep in (None, tf.constant(rng.random(shape) > 0.3)):
+        results = {}
+        for switch in ("1", "0"):
+            monkeypatch.setenv(native.SWITCH, switch)
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = dropout_tf.dropout(x, rate, tf.constant([7, 11]), keep, bits)
+            gradient = tape.gradient(y, x, output_gradients=upstream)
+            results[switch] = [tf.cast(v, tf.float32).numpy() for v in (y, gradient)]
+        np.testing.assert_array_equal(results["1"][0], results["0"][0])
+        np.testing.assert_array_equal(results["1"][1], results["0"][1])
+    dropped = np.mean(results["1"][0] == 0)
+    assert dropped > 0 if x.shape.num_elements() > 100 else True
+
+
+def test_the_dropout_kernel_runs_in_the_training_step(kernels, monkeypatch):
+    """Every dropout of a training step is the kernel (no Philox op of TensorFlow's left)."""
+    import tensorflow as tf
+
+    from keras_transformer import TransformerConfig, build_transformer
+    from keras_transformer.kernels import native
+
+    monkeypatch.setenv(native.SWITCH, "1")
+    model = build_transformer(TransformerConfig.preset("tiny", dropout=0.1))
+    model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(True))
+    ids = tf.ones([2, 5], tf.int32)
+    graph = (
+        tf.function(model.train_step)
+        .get_concrete_function(({"source_ids": ids, "target_ids": ids}, ids))
+        .graph.as_graph_def()
+    )
+    ops = [n.op for n in graph.node] + [n.op for f in graph.library.function for n in f.node_def]
+    assert ops.count("KerasTransformerDropout") > 10
+    assert not [op for op in ops if op.startswith("StatelessRandomUniform")]
