@@ -322,10 +322,12 @@ def machine():
     flags = cpu_flags()
     probe = subprocess.run(
         [sys.executable, "-c", "from tensorflow.python.util import _pywrap_util_port as p;"
-         "import tensorflow as tf; print(tf.__version__, p.IsMklEnabled())"],
-        capture_output=True, text=True, check=False,
+         "import tensorflow as tf; print(tf.__version__, p.IsMklEnabled());"
+         "from keras_transformer.kernels import native; print(native.describe())"],
+        capture_output=True, text=True, check=False, cwd=ROOT,
     )  # fmt: skip
-    version, onednn = (probe.stdout.split() + ["?", "?"])[:2]
+    lines = probe.stdout.splitlines() + ["", ""]
+    version, onednn = (lines[0].split() + ["?", "?"])[:2]
     return {
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
@@ -333,6 +335,8 @@ def machine():
         "tensorflow": version,
         "onednn_kernels": onednn == "True",
         "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "unset (default)"),
+        # Our loss, layer norm and dropout: compiled kernels or TensorFlow ops.
+        "kernels": lines[1] or "?",
     }
 
 

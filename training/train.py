@@ -264,6 +264,10 @@ def train(run_config: RunConfig, group: distributed.ProcessGroup | None = None) 
         f"({_precision_reason(opts.mixed_precision, flags, accelerator_bf16)})",
         flush=True,
     )
+    if keras.config.backend() == "tensorflow":
+        from keras_transformer.kernels import native
+
+        say(f"kernels: {native.describe()}", flush=True)
     devices = distributed.data_parallel_devices()
     if devices > 1 and data.length_multiple is None:
         raise ConfigError(

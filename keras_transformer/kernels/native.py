@@ -52,7 +52,8 @@ def library():
         return None
     if "library" not in _loaded:
         try:
-            _loaded["library"] = _load(_build())
+            _loaded["path"] = _build()
+            _loaded["library"] = _load(_loaded["path"])
         except KernelBuildError as error:
             _loaded["library"], _loaded["reason"] = None, str(error)
             warnings.warn(
@@ -62,6 +63,15 @@ def library():
                 stacklevel=2,
             )
     return _loaded["library"]
+
+
+def describe() -> str:
+    """One line for a run's log: which path the loss, layer norm and dropout take, and why."""
+    if not enabled():
+        return f"TensorFlow ops ({SWITCH}=0)"
+    if library() is None:
+        return f"TensorFlow ops (compiled kernels unavailable: {unavailable_reason()})"
+    return f"compiled ({_loaded['path']})"
 
 
 def unavailable_reason() -> str | None:

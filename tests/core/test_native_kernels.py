@@ -101,6 +101,7 @@ def test_the_switch_takes_on_or_off_and_names_anything_else(monkeypatch):
 
     monkeypatch.setenv(native.SWITCH, "off")
     assert native.enabled() is False and native.library() is None
+    assert native.describe() == "TensorFlow ops (KERAS_TRANSFORMER_NATIVE_KERNELS=0)"
     monkeypatch.setenv(native.SWITCH, "1")
     assert native.enabled() is True
     monkeypatch.setenv(native.SWITCH, "fast")
@@ -119,6 +120,7 @@ def test_without_a_compiler_the_loss_says_why_and_uses_tensorflow_ops(monkeypatc
     with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler 'no-such-compiler'"):
         fallback = _loss_and_gradient(logits, labels, upstream, 0.1, "1", monkeypatch)
     assert "no-such-compiler" in native.unavailable_reason()
+    assert native.describe().startswith("TensorFlow ops (compiled kernels unavailable: no C++")
     plain = _loss_and_gradient(logits, labels, upstream, 0.1, "0", monkeypatch)
     np.testing.assert_array_equal(fallback[0], plain[0])
     np.testing.assert_array_equal(fallback[1], plain[1])
@@ -140,6 +142,7 @@ def test_the_build_is_cached_and_a_changed_source_is_built_again(monkeypatch, tm
     for path in [*native.SOURCE_DIR.glob("*.cc"), *native.SOURCE_DIR.glob("*.h")]:
         (sources / path.name).write_text(path.read_text())
     monkeypatch.setattr(native, "SOURCE_DIR", sources)
+    assert native.describe().startswith("compiled (")
     first = native._build()
     built = first.stat().st_mtime_ns
     assert native._build() == first and first.stat().st_mtime_ns == built
