@@ -65,6 +65,35 @@ def library():
     return _loaded["library"]
 
 
+def kernels_for(tensor):
+    """`library()` where the graph being traced can run it on `tensor`, else None.
+
+    None for dtypes other than float32 and bfloat16, where a GPU is visible (the kernels are
+    CPU-only; TensorFlow's ops run where the tensors are), and inside a function compiled by
+    XLA (`jit_compile=True`), which cannot compile custom ops.
+    """
+    import tensorflow as tf
+
+    if tensor.dtype not in (tf.float32, tf.bfloat16):
+        return None
+    if tf.config.list_logical_devices("GPU") or _in_xla_function():
+        return None
+    return library()
+
+
+def _in_xla_function() -> bool:
+    import tensorflow as tf
+
+    try:
+        # How `tf.function(jit_compile=True)` marks what it traces (an XLA control-flow
+        # context on the graph or an outer one); not public API, so a TensorFlow without it
+        # counts as "not XLA" and a jit-compiled run would fail to compile, naming the op.
+        from tensorflow.python.ops import control_flow_util
+    except ImportError:
+        return False
+    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+
+
 def describe() -> str:
     """One line for a run's log: which path the loss, layer norm and dropout take, and why."""
     if not enabled():

@@ -61,15 +61,9 @@ def dropout(inputs, rate: float, seed, keep=None, bits: int | None = None):
 
 
 def _kernels(inputs):
-    import tensorflow as tf
-
     from keras_transformer.kernels import native
 
-    if inputs.dtype not in (tf.float32, tf.bfloat16):
-        return None
-    if tf.config.list_logical_devices("GPU"):
-        return None  # CPU kernels; TensorFlow ops run where the tensors are
-    return native.library()
+    return native.kernels_for(inputs)
 
 
 def _kernel_dropout(kernels, inputs, seed, keep, level, bits, factor):

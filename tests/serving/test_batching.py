@@ -329,9 +329,15 @@ def test_concurrent_translations_are_batched_and_each_gets_its_own(
     assert (server.batching.batches_run, server.batching.requests_run) == (1, 8)
 
 
-def _until_eos(row, eos_id):
+def _until_eos(row, eos_id, pad_id=0):
+    """A row's tokens through eos; a row that never reached eos (it stopped at its maximum
+    length) without the padding that fills it to the batch's width."""
     row = list(row)
-    return row[: row.index(eos_id) + 1] if eos_id in row else row
+    if eos_id in row:
+        return row[: row.index(eos_id) + 1]
+    while row and row[-1] == pad_id:
+        row.pop()
+    return row
 
 
 @pytest.mark.parametrize("signature", ["greedy_ids", "beam_ids"])
@@ -355,16 +361,16 @@ def test_ids_signatures_of_different_lengths_are_safe_in_one_batch(
         requests.append(source_ids.numpy())
     assert len({ids.shape[1] for ids in requests}) >= 3  # lengths differ within the batch
     assert all(ids[0, 0] != translator.model.config.pad_id for ids in requests)
-    eos = translator.model.config.eos_id
+    eos, pad = translator.model.config.eos_id, translator.model.config.pad_id
     expected = [
-        _until_eos(unbatched[signature](source_ids=ids)["target_ids"].numpy()[0], eos)
+        _until_eos(unbatched[signature](source_ids=ids)["target_ids"].numpy()[0], eos, pad)
         for ids in requests
     ]
     with TranslationClient(server.address, timeout=60) as client:
         results = _concurrently(
             [lambda ids=ids: client.predict({"source_ids": ids}, signature) for ids in requests]
         )
-    assert [_until_eos(result["target_ids"][0], eos) for result in results] == expected
+    assert [_until_eos(result["target_ids"][0], eos, pad) for result in results] == expected
     assert (server.batching.batches_run, server.batching.requests_run) == (1, 4)
 
 
