@@ -11,8 +11,6 @@
 // Element i's number is bits [b * (i % k), b * (i % k + 1)) of word i / k (k = 32 / b
 // numbers per word), word w being output w % 4 of the Philox block w / 4.
 
-#include <cstdint>
-
 #include "keras_transformer_kernels.h"
 #include "tensorflow/core/kernels/random_ops_util.h"
 #include "tensorflow/core/lib/random/philox_random.h"
@@ -164,8 +162,7 @@ class DropoutOp : public OpKernel {
         FromFloat(factor, count, factors + first);
       }
     };
-    auto* threads = context->device()->tensorflow_cpu_worker_threads();
-    tensorflow::Shard(threads->num_threads, threads->workers, chunks, 40 * chunk, work);
+    ParallelFor(context, chunks, 40 * chunk, work);
   }
 
  private:

@@ -3,6 +3,7 @@
 #ifndef KERAS_TRANSFORMER_KERNELS_H_
 #define KERAS_TRANSFORMER_KERNELS_H_
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
@@ -32,6 +33,15 @@ using FloatRow = Eigen::ArrayXf;
 // A tensor's values in place, for coefficient-wise use only (no sums over them, see above).
 using FloatMap = Eigen::Map<Eigen::ArrayXf>;
 using ConstFloatMap = Eigen::Map<const Eigen::ArrayXf>;
+
+// Runs `work(begin, end)` over [0, units) on TensorFlow's intra-op threads, in shards sized by
+// `cost_per_unit` (what every kernel here does with its rows, blocks or chunks).
+template <typename Work>
+inline void ParallelFor(OpKernelContext* context, int64_t units, int64_t cost_per_unit,
+                        Work&& work) {
+  const auto* threads = context->device()->tensorflow_cpu_worker_threads();
+  tensorflow::Shard(threads->num_threads, threads->workers, units, cost_per_unit, work);
+}
 
 // n values of a row as float32 (bfloat16 is the top half of a float32).
 inline void ToFloat(const float* in, int64_t n, float* out) {

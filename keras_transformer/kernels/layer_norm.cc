@@ -12,8 +12,6 @@
 // result does not depend on how many threads ran the blocks.
 
 #include <cmath>
-#include <cstdint>
-#include <cstring>
 
 #include "keras_transformer_kernels.h"
 
@@ -116,8 +114,7 @@ class LayerNormOp : public OpKernel {
         rstds[r] = s;
       }
     };
-    auto* threads = context->device()->tensorflow_cpu_worker_threads();
-    tensorflow::Shard(threads->num_threads, threads->workers, rows, 8 * features, work);
+    ParallelFor(context, rows, 8 * features, work);
   }
 
  private:
@@ -184,9 +181,7 @@ class LayerNormGradOp : public OpKernel {
         }
       }
     };
-    auto* threads = context->device()->tensorflow_cpu_worker_threads();
-    tensorflow::Shard(threads->num_threads, threads->workers, blocks,
-                      12 * features * kBlockRows, work);
+    ParallelFor(context, blocks, 12 * features * kBlockRows, work);
     for (int64_t block = 0; block < blocks; ++block) {
       dgamma_sum += partial.col(2 * block);
       dbeta_sum += partial.col(2 * block + 1);

@@ -6,13 +6,14 @@ are compiled on the machine that runs them, the first time a process asks for th
 C++ compiler (`$CXX`, else `g++`), TensorFlow's own compile and link flags
 (`tf.sysconfig`) and `-march=native`, into a cache
 (`$KERAS_TRANSFORMER_CACHE`, else `$XDG_CACHE_HOME/keras_transformer` or
-`~/.cache/keras_transformer`) keyed by the source, the TensorFlow version, the compiler and the
-CPU's flags: about 5 s once per machine and TensorFlow version, then a load.
+`~/.cache/keras_transformer`) keyed by the sources and headers, the TensorFlow version, the
+compiler and the CPU's flags: once per machine and TensorFlow version, then a load.
 
-Where they cannot be had (no compiler, a failed compile or load, another backend) callers use
-their TensorFlow-ops path, which computes the same thing more slowly; the reason is given once
-as a warning. `KERAS_TRANSFORMER_NATIVE_KERNELS=0` turns them off without a warning (it is read
-each time a graph asks, so one process can trace both paths).
+Where they cannot be had (no compiler, a failed compile or load, a GPU, an XLA-compiled
+function; see `kernels_for`) callers use their TensorFlow-ops path, which computes the same
+thing more slowly; a failed build or load is given once as a warning with its reason.
+`KERAS_TRANSFORMER_NATIVE_KERNELS=0` turns them off without a warning (it is read each time a
+graph asks, so one process can trace both paths).
 """
 
 from __future__ import annotations

@@ -13,8 +13,6 @@
 // T is float or bfloat16; the arithmetic is float32 either way.
 
 #include <cmath>
-#include <cstdint>
-#include <cstring>
 
 #include "keras_transformer_kernels.h"
 
@@ -85,8 +83,7 @@ class LogitStatisticsOp : public OpKernel {
         mean_logit[r] = z.sum() / static_cast<float>(vocab);
       }
     };
-    auto* threads = context->device()->tensorflow_cpu_worker_threads();
-    tensorflow::Shard(threads->num_threads, threads->workers, rows, 12 * vocab, work);
+    ParallelFor(context, rows, 12 * vocab, work);
   }
 };
 
@@ -102,10 +99,10 @@ class SmoothedCrossEntropyGradOp : public OpKernel {
     const Tensor& labels = context->input(1);
     const Tensor& normalizer = context->input(2);
     const Tensor& upstream = context->input(3);
-    const int64_t rows = logits.dim_size(0);
     OP_REQUIRES(context, logits.dims() == 2,
                 tensorflow::errors::InvalidArgument("logits must be [tokens, vocab]; got ",
                                                     logits.shape().DebugString()));
+    const int64_t rows = logits.dim_size(0);
     const int64_t vocab = logits.dim_size(1);
     OP_REQUIRES(context, labels.NumElements() == rows && normalizer.NumElements() == rows &&
                              upstream.NumElements() == rows,
@@ -138,8 +135,7 @@ class SmoothedCrossEntropyGradOp : public OpKernel {
         FromFloat(buffer, vocab, out + r * vocab);
       }
     };
-    auto* threads = context->device()->tensorflow_cpu_worker_threads();
-    tensorflow::Shard(threads->num_threads, threads->workers, rows, 12 * vocab, work);
+    ParallelFor(context, rows, 12 * vocab, work);
   }
 
  private:

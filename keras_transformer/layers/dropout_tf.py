@@ -12,6 +12,7 @@ blocks at a time); the `small` bf16 training step: 1.048x (in turns, ad hoc).
 
 from __future__ import annotations
 
+from keras_transformer.kernels import native
 from keras_transformer.layers.dropout_levels import resolve_bits, scale, threshold
 
 
@@ -32,7 +33,7 @@ def dropout(inputs, rate: float, seed, keep=None, bits: int | None = None):
     level = threshold(rate, bits)
     if level == 0:
         return inputs if keep is None else tf.where(keep, inputs, tf.zeros_like(inputs))
-    kernels = _kernels(inputs)
+    kernels = native.kernels_for(inputs)
     if kernels is not None:
         return _kernel_dropout(kernels, inputs, seed, keep, level, bits, scale(rate, bits))
     per_word = 32 // bits
@@ -58,12 +59,6 @@ def dropout(inputs, rate: float, seed, keep=None, bits: int | None = None):
         tf.constant(0, inputs.dtype),
     )
     return inputs * mask
-
-
-def _kernels(inputs):
-    from keras_transformer.kernels import native
-
-    return native.kernels_for(inputs)
 
 
 def _kernel_dropout(kernels, inputs, seed, keep, level, bits, factor):
