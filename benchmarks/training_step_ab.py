@@ -18,6 +18,8 @@ Variants (`--variants`, comma-separated; the first is the baseline):
                 maximum)
   `dropout16`   every dropout mask from 16-bit numbers, two per random word (`Dropout(bits=16)`;
                 before the 8-bit numbers of `dropout_levels`)
+  `tf_ops`      the loss, layer norm and dropout by TensorFlow ops instead of the compiled
+                kernels (`KERAS_TRANSFORMER_NATIVE_KERNELS=0` while its step is traced)
 
 Bounds, not candidates (models that compute something else; each says how much wall time
 that part of the step takes, so at most what any speed-up of it can give; a profile's kernel
@@ -53,6 +55,7 @@ VARIANTS = (
     "argmax_acc",
     "relu_ffn",
     "dropout16",
+    "tf_ops",
     "no_dropout",
     "no_layer_norm",
 )
@@ -67,6 +70,24 @@ def _swapped(module, name, replacement):
         yield
     finally:
         setattr(module, name, ours)
+
+
+@contextlib.contextmanager
+def _kernels_switch(value):
+    """`KERAS_TRANSFORMER_NATIVE_KERNELS` is `value` inside the block, as it was after it."""
+    import os
+
+    from keras_transformer.kernels import native
+
+    before = os.environ.get(native.SWITCH)
+    os.environ[native.SWITCH] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[native.SWITCH]
+        else:
+            os.environ[native.SWITCH] = before
 
 
 def _argmax_accuracy():
@@ -219,9 +240,11 @@ def main(argv=None) -> int:
     source = rng.integers(4, config.vocab_size, (rows, length)).astype("int32")
     target = rng.integers(4, config.vocab_size, (rows, length + 1)).astype("int32")
     inputs, labels = {"source_ids": source, "target_ids": target[:, :-1]}, target[:, 1:]
-    for model in models.values():
-        for _ in range(args.warmup):
-            model.train_on_batch(inputs, labels)
+    for variant, model in models.items():
+        # The first call traces the step; the kernels switch is read while it does.
+        with _kernels_switch("0" if variant == "tf_ops" else "1"):
+            for _ in range(args.warmup):
+                model.train_on_batch(inputs, labels)
     times = {v: [] for v in variants}
     while min(len(t) for t in times.values()) < args.steps:
         for variant, model in models.items():

@@ -97,7 +97,9 @@ def test_training_step_ab_times_every_variant_in_turns(tmp_path):
     and a missing ratio to the baseline."""
     output = tmp_path / "ab.json"
     command = [sys.executable, "benchmarks/training_step_ab.py", "--preset", "tiny"]
-    variants = "keras_adam,keras_ln,argmax_acc,relu_ffn,dropout16,no_dropout,no_layer_norm,ours"
+    variants = (
+        "keras_adam,keras_ln,argmax_acc,relu_ffn,dropout16,tf_ops,no_dropout,no_layer_norm,ours"
+    )
     command += ["--variants", variants, "--steps", "2", "--chunk", "1"]
     command += ["--warmup", "1"]
     command += ["--output", str(output)]
